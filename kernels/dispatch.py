@@ -39,7 +39,10 @@ def choose_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
 def quantize_pack(
     x: torch.Tensor, valid: torch.Tensor | None, bits: int, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise KIVI quantize + pack (see :mod:`kernels.reference`): ``(packed uint8, scale fp16, zero fp16)``."""
+    """Row-wise KIVI quantize + pack (see :mod:`kernels.reference`).
+
+    Returns ``(packed uint8 [rows, bytes], scale fp16 [rows], zero fp16 [rows])``.
+    """
     if x.dim() != 2:
         raise ValueError(f"expected a [rows, n] matrix, got shape {tuple(x.shape)}")
     if valid is not None and valid.shape != x.shape:

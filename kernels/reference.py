@@ -7,13 +7,13 @@ row per token across channels).
 
 For a group with real (unmasked) entries ``x``:
 
-- ``zero = fp16_round_down(min x)`` and ``scale = fp16_round_up((max x - zero) / (2**bits - 1))``, both stored as
-  fp16. Rounding outwards guarantees ``zero <= min x`` and ``zero + qmax * scale >= max x`` (up to one fp32
-  rounding), so no real entry is clamped and every one dequantizes to within half a quantization step.
-- ``q = clamp(floor((x - zero) / scale + 0.5), 0, qmax)``; masked entries (padding) take no part in min/max and
-  are clamped into range.
-- ``8 // bits`` codes share one byte, the first in the low bits (int4: element ``2j`` in the low nibble of byte
-  ``j``, ``2j + 1`` in the high nibble); a row's trailing byte is zero-filled.
+- ``zero = fp16_round_down(min x)`` and ``scale = fp16_round_up((max x - zero) / (2**bits - 1))``, both
+  stored as fp16. Rounding outwards guarantees ``zero <= min x`` and ``zero + qmax * scale >= max x`` (up to
+  one fp32 rounding), so no real entry is clamped and each dequantizes to within half a quantization step.
+- ``q = clamp(floor((x - zero) / scale + 0.5), 0, qmax)``; masked entries (padding) take no part in min/max
+  and are clamped into range.
+- ``8 // bits`` codes share one byte, the first in the low bits (int4: element ``2j`` in the low nibble of
+  byte ``j``, ``2j + 1`` in the high nibble); a row's trailing byte is zero-filled.
 
 Dequantization is ``q * scale + zero`` in fp32, cast to the requested dtype.
 """
