@@ -1,0 +1,237 @@
+"""One agent step on a shared model: prefill on received memory -> latent thoughts -> (optional) decoding.
+
+This is the agent loop of LatentMAS (arXiv 2511.20639, METHODS.md §1): the agent's role prompt is prefilled *on
+top of* the working memory it received (new positions continue after the largest original position; gaps left
+by eviction are fine because cached keys are post-RoPE), then ``m`` latent thoughts feed a continuous input
+embedding back instead of a sampled token, and the attention rows of those thoughts are recorded as the
+observation that compression scores tokens with (arXiv 2604.13349 §2). The final agent decodes text.
+
+Batches of items share one forward: per-item memories are left-padded into one batch and every forward gets an
+explicit 4D additive mask (padding masked for every query, causal inside the new chunk) and explicit position
+ids, so padding never leaks into attention; hand-overs are split back per item without padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from agents.batching import split_memory, stack_memories
+from agents.decoding import DecodeConfig, TokenPicker
+from agents.latent import LatentInput
+from relay.memory import KVState, Segment
+from relay.observation import Observation
+
+SINK_TOKENS = 4
+
+
+class PromptTooLongError(ValueError):
+    """Memory plus prompt plus the tokens to generate would exceed the model's context window."""
+
+
+@dataclass
+class AgentOutput:
+    """What one agent step produced, per item (no padding anywhere)."""
+
+    memories: list[KVState]
+    observations: list[Observation] | None
+    texts: list[str] | None
+    output_tokens: list[int]
+
+
+class ModelRunner:
+    """Runs agent steps for one loaded model (weights shared by every agent placed on it)."""
+
+    def __init__(self, model, tokenizer=None, fingerprint: str = "", latent: LatentInput | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.latent = latent or LatentInput()
+        self.config = model.config.get_text_config()
+        self.num_layers = self.config.num_hidden_layers
+        self.num_kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.group_size = self.config.num_attention_heads // self.num_kv_heads
+        self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1 << 30
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.pad_id = self._pad_id()
+
+    # ------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def step(
+        self,
+        memories: Sequence[KVState | None],
+        prompts: Sequence[Sequence[int]],
+        agent: str,
+        thoughts: int = 0,
+        decode: DecodeConfig | None = None,
+        observe: bool = True,
+    ) -> AgentOutput:
+        """Prefill ``prompts`` (token ids, one list per item) on ``memories``, think, and optionally decode."""
+        memory = self._stack(memories)
+        self._check_length(memory, prompts, thoughts, decode)
+        memory, idx = memory.agent_index(agent)
+
+        # 1. prefill the role prompt on top of the received memory
+        ids, valid = self._left_pad(prompts)
+        first_agent = memory.num_tokens == 0 or not bool(memory.valid.any())
+        segment = torch.full_like(ids, int(Segment.PROMPT))
+        if first_agent:  # the attention sink: first tokens of the first agent, kept once per rollout
+            lengths = valid.sum(1, keepdim=True)
+            rank = valid.cumsum(1) - 1
+            segment = torch.where(valid & (rank < torch.clamp(lengths, max=SINK_TOKENS)), int(Segment.SINK), segment)
+        memory, hidden, _ = self._forward(memory, self.embed(ids), valid, segment, idx)
+        logits = self.lm_head(hidden)
+
+        # 2. latent thoughts: feed a continuous embedding back, record where each thought looked
+        observation = None
+        if thoughts > 0:
+            rows = []
+            with self._eager_attention(observe):
+                for _ in range(thoughts):
+                    embedding = self.latent.next_embedding(hidden, logits, self.embed.weight, self.lm_head.weight)
+                    ones = torch.ones(memory.batch_size, 1, dtype=torch.bool, device=self.device)
+                    thought = torch.full_like(ones, int(Segment.THOUGHT), dtype=torch.long)
+                    memory, hidden, attn = self._forward(memory, embedding[:, None], ones, thought, idx, observe)
+                    logits = self.lm_head(hidden)
+                    rows.append(attn)
+            if observe:
+                observation = self._observation(rows, memory.num_tokens, agent)
+
+        # 3. the final agent (or a text-relay agent) decodes text
+        texts, counts = None, [0] * memory.batch_size
+        if decode is not None:
+            memory, texts, counts = self._decode(memory, logits, decode, idx)
+
+        items, observations = split_memory(memory, observation)
+        return AgentOutput(items, observations, texts, counts)
+
+    # -------------------------------------------------------------- pieces
+    def _forward(self, memory, embeds, valid, segment, agent_idx, observe=False):
+        """One forward of new positions on ``memory``; returns the grown memory and the last hidden state."""
+        b, q = valid.shape
+        start = memory.next_position().to(self.device)
+        offset = (valid.cumsum(1) - 1).clamp(min=0)
+        position = torch.where(valid, start[:, None] + offset, torch.zeros_like(offset))
+        past_valid = memory.valid.to(self.device)
+        allowed = torch.cat([past_valid[:, None, :].expand(b, q, -1), valid[:, None, :].expand(b, q, q)], dim=2)
+        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+        allowed[:, :, memory.num_tokens :] &= causal
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+        cache = memory.to_cache()
+        out = self.decoder(
+            inputs_embeds=embeds.to(self.dtype),
+            attention_mask=mask,
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+            output_attentions=observe,
+        )
+        table_agent = torch.where(valid, agent_idx, -1)
+        table_segment = torch.where(valid, segment, int(Segment.PAD))
+        grown = memory.with_cache(cache, table_segment, table_agent, position)
+        if not bool(valid.all()):  # padded slots hold finite garbage: zero them so nothing of it travels
+            pad = ~grown.valid[:, None, :, None]
+            for k, v in zip(grown.keys, grown.values):
+                k.masked_fill_(pad, 0)
+                v.masked_fill_(pad, 0)
+        hidden = out.last_hidden_state[:, -1]
+        attn = None
+        if observe:
+            attn = torch.stack([a[:, :, -1].float() for a in out.attentions], dim=1)  # [B, L, H, T]
+            attn = attn.view(b, self.num_layers, self.num_kv_heads, self.group_size, -1).mean(3)
+        return grown, hidden, attn
+
+    def _observation(self, rows, num_tokens, agent) -> Observation:
+        padded = [torch.nn.functional.pad(r, (0, num_tokens - r.shape[-1])) for r in rows]
+        return Observation(torch.stack(padded, dim=3), agent, self.group_size)
+
+    def _decode(self, memory, logits, config: DecodeConfig, agent_idx):
+        picker = TokenPicker(config, self.tokenizer, memory.batch_size, self._eos_ids())
+        alive = torch.ones(memory.batch_size, dtype=torch.bool, device=self.device)
+        for _ in range(config.max_new_tokens):
+            token = picker.pick(logits, alive)
+            alive = alive & ~picker.finished
+            if not bool(alive.any()):
+                break
+            text = torch.full((memory.batch_size, 1), int(Segment.TEXT), device=self.device)
+            memory, hidden, _ = self._forward(memory, self.embed(token[:, None]), alive[:, None], text, agent_idx)
+            logits = self.lm_head(hidden)
+        return memory, picker.texts(), picker.counts()
+
+    # ------------------------------------------------------------- helpers
+    def _stack(self, memories: Sequence[KVState | None]) -> KVState:
+        parts = []
+        for m in memories:
+            if m is None:
+                m = KVState.empty(1, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+                m.fingerprint = self.fingerprint
+            elif self.fingerprint and m.fingerprint and m.fingerprint != self.fingerprint:
+                from relay.memory import IncompatibleMemoryError
+
+                raise IncompatibleMemoryError(
+                    f"working memory was made by model {m.fingerprint[:16]}, this agent runs {self.fingerprint[:16]}"
+                )
+            parts.append(m.to(self.device, self.dtype))
+        memory = stack_memories(parts)
+        memory.fingerprint = self.fingerprint
+        return memory
+
+    def _left_pad(self, prompts: Sequence[Sequence[int]]):
+        width = max(len(p) for p in prompts)
+        if width == 0:
+            raise ValueError("every agent needs a non-empty prompt")
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"item {i} has an empty prompt")
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            valid[i, width - len(p) :] = True
+        return ids, valid
+
+    def _check_length(self, memory, prompts, thoughts, decode):
+        need = int(memory.next_position().max()) + max(len(p) for p in prompts) + thoughts
+        need += decode.max_new_tokens if decode is not None else 0
+        if need > self.max_positions:
+            raise PromptTooLongError(
+                f"memory + prompt + {thoughts} thoughts + generation need {need} positions; the model has "
+                f"{self.max_positions} (shorten the prompt, lower --latent-steps or max tokens, or compress the relay)"
+            )
+
+    @contextmanager
+    def _eager_attention(self, enabled: bool):
+        """Eager attention only for the one-token thought steps, so their attention rows can be read."""
+        before = self.model.config._attn_implementation
+        if not enabled or before == "eager":
+            yield
+            return
+        self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if isinstance(cand, int):
+                return cand
+        return 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.tokenizer, "eos_token_id", None), getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(x) for x in src)
+        return ids

@@ -1,0 +1,240 @@
+"""Agent graphs: who talks to whom, and whether by text or by latent working memory.
+
+An :class:`AgentGraph` is a DAG of agent nodes with one final node (the judger / summarizer, whose decoded text
+is the answer). Each edge carries a relay mode: ``text`` (TextMAS: the sender decodes text that the receiver
+reads in its prompt, labelled by role) or ``latent`` / ``latent+<recipe>`` (LatentMAS, arXiv 2511.20639: the
+sender hands over its KV cache, optionally compressed by a recipe at the boundary).
+
+A node thinks ``latent_steps`` latent thoughts when it has a latent out-edge, and decodes text when it is the
+final node or has a text out-edge. A node with several parents gets their memories concatenated in topological
+order and their texts as labelled sections of its prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agents.decoding import DecodeConfig
+
+
+class GraphError(ValueError):
+    """The agent graph is malformed (cycle, unknown node, no single final node, bad relay mode...)."""
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    msg = str(first.get("msg", err)).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+class _Strict(BaseModel):
+    """Models whose construction errors are one-line :class:`GraphError`s instead of pydantic reports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise GraphError(_one_line(err)) from None
+
+
+class Node(_Strict):
+    """One agent: a role (picks the default role prompt), an optional custom prompt, thoughts and decoding."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: str | None = None
+    prompt: str | None = None
+    latent_steps: int | None = Field(None, ge=0, le=4096)
+    decoding: DecodeConfig | None = None
+    model: str | None = None
+
+    @property
+    def role_name(self) -> str:
+        return self.role or self.name
+
+
+class Edge(_Strict):
+    """A hand-over from ``source`` to ``target`` with relay mode ``text``, ``latent`` or ``latent+<recipe>``."""
+
+    source: str
+    target: str
+    relay: str = "latent"
+
+    @field_validator("relay")
+    @classmethod
+    def _check_relay(cls, value: str) -> str:
+        value = value.strip()
+        if value == "text" or value == "latent":
+            return value
+        if value.startswith("latent+"):
+            from compression import parse_recipe
+
+            try:
+                return "latent+" + parse_recipe(value[len("latent+") :]).canonical
+            except ValueError as err:
+                raise ValueError(f"edge recipe: {err}") from None
+        raise ValueError(f"relay mode {value!r} is not text, latent or latent+<recipe>")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.relay != "text"
+
+    @property
+    def recipe(self) -> str:
+        return self.relay[len("latent+") :] if self.relay.startswith("latent+") else ""
+
+
+class AgentGraph(_Strict):
+    """A validated DAG of agents with a single final node."""
+
+    name: str = "custom"
+    nodes: list[Node]
+    edges: list[Edge] = Field(default_factory=list)
+    latent_steps: int = Field(10, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _validate(self) -> AgentGraph:
+        if not self.nodes:
+            raise GraphError("the graph has no nodes")
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise GraphError(f"duplicate node names: {', '.join(dupes)}")
+        known = set(names)
+        for e in self.edges:
+            for end in (e.source, e.target):
+                if end not in known:
+                    raise GraphError(f"edge {e.source} -> {e.target} names unknown node {end!r}")
+            if e.source == e.target:
+                raise GraphError(f"edge {e.source} -> {e.target} is a self-loop")
+        pairs = [(e.source, e.target) for e in self.edges]
+        if len(set(pairs)) != len(pairs):
+            raise GraphError("two edges join the same pair of nodes")
+        self._topological(names)  # raises on cycles
+        finals = [n for n in names if not any(e.source == n for e in self.edges)]
+        if len(finals) != 1:
+            raise GraphError(
+                f"a graph needs exactly one final node (no outgoing edges); found {len(finals)}: {', '.join(finals)}"
+            )
+        for e in self.edges:
+            a, b = self.node(e.source).model, self.node(e.target).model
+            if e.is_latent and a and b and a != b:
+                raise GraphError(
+                    f"latent edge {e.source} -> {e.target} joins different models ({a} vs {b}); "
+                    "KV caches only transfer between agents of one model: use a text edge"
+                )
+        return self
+
+    def _topological(self, names: Sequence[str]) -> list[str]:
+        indegree = {n: 0 for n in names}
+        for e in self.edges:
+            indegree[e.target] += 1
+        order, ready = [], [n for n in names if indegree[n] == 0]
+        while ready:
+            n = ready.pop(0)
+            order.append(n)
+            for e in self.edges:
+                if e.source == n:
+                    indegree[e.target] -= 1
+                    if indegree[e.target] == 0:
+                        ready.append(e.target)
+        if len(order) != len(names):
+            stuck = [n for n in names if n not in order]
+            raise GraphError(f"the graph has a cycle through: {', '.join(stuck)}")
+        return order
+
+    # ---------------------------------------------------------------- queries
+    @cached_property
+    def order(self) -> list[str]:
+        """Node names in topological order (ties in declaration order)."""
+        return self._topological([n.name for n in self.nodes])
+
+    @property
+    def final(self) -> str:
+        return next(n.name for n in self.nodes if not any(e.source == n.name for e in self.edges))
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise GraphError(f"unknown node {name!r}")
+
+    def incoming(self, name: str) -> list[Edge]:
+        """In-edges of ``name``, parents in topological order."""
+        rank = {n: i for i, n in enumerate(self.order)}
+        return sorted((e for e in self.edges if e.target == name), key=lambda e: rank[e.source])
+
+    def outgoing(self, name: str) -> list[Edge]:
+        return [e for e in self.edges if e.source == name]
+
+    def thinks(self, name: str) -> int:
+        """Latent thoughts of ``name``: only when some out-edge is latent."""
+        if not any(e.is_latent for e in self.outgoing(name)):
+            return 0
+        steps = self.node(name).latent_steps
+        return self.latent_steps if steps is None else steps
+
+    def decodes(self, name: str) -> bool:
+        return name == self.final or any(not e.is_latent for e in self.outgoing(name))
+
+    def with_relay(self, relay: str) -> AgentGraph:
+        """The same graph with every edge's relay mode replaced (``text``, ``latent``, ``latent+<recipe>``)."""
+        edges = [Edge(source=e.source, target=e.target, relay=relay) for e in self.edges]
+        return AgentGraph(name=self.name, nodes=self.nodes, edges=edges, latent_steps=self.latent_steps)
+
+    def describe(self) -> str:
+        return " | ".join(f"{e.source} -[{e.relay}]-> {e.target}" for e in self.edges) or f"{self.final} (alone)"
+
+
+# -------------------------------------------------------------------- builders
+def sequential(relay: str = "latent", latent_steps: int = 10) -> AgentGraph:
+    """LatentMAS's sequential topology: planner -> critic -> refiner -> judger."""
+    roles = ["planner", "critic", "refiner", "judger"]
+    return AgentGraph(
+        name="sequential",
+        nodes=[Node(name=r) for r in roles],
+        edges=[Edge(source=a, target=b, relay=relay) for a, b in zip(roles, roles[1:])],
+        latent_steps=latent_steps,
+    )
+
+
+def hierarchical(relay: str = "latent", latent_steps: int = 10, experts: Sequence[str] = ("math", "science", "code")) -> AgentGraph:
+    """LatentMAS's hierarchical topology: domain experts each solve the task, a summarizer decides.
+
+    Latent relay follows the reference code: the experts run one after another on the growing memory (expert i
+    hands its memory to expert i+1, the last one to the summarizer). Text relay (TextMAS) has every expert answer
+    on its own and the summarizer read all their texts.
+    """
+    experts = list(experts)
+    if relay == "text":
+        pairs = [(e, "summarizer") for e in experts]
+    else:
+        pairs = list(zip(experts, experts[1:])) + [(experts[-1], "summarizer")]
+    return AgentGraph(
+        name="hierarchical",
+        nodes=[Node(name=e) for e in experts] + [Node(name="summarizer")],
+        edges=[Edge(source=a, target=b, relay=relay) for a, b in pairs],
+        latent_steps=latent_steps,
+    )
+
+
+def single() -> AgentGraph:
+    """The one-agent baseline: one solver answers alone."""
+    return AgentGraph(name="single", nodes=[Node(name="solver")], edges=[])
+
+
+BUILDERS = {"sequential": sequential, "hierarchical": hierarchical, "single": single}
+
+
+def build_graph(name: str, relay: str = "latent", latent_steps: int = 10) -> AgentGraph:
+    """A named built-in graph (``sequential``, ``hierarchical``, ``single``) with the given relay mode."""
+    if name not in BUILDERS:
+        raise GraphError(f"unknown graph {name!r}; choose one of {', '.join(BUILDERS)} (or build an AgentGraph)")
+    if name == "single":
+        return single()
+    return BUILDERS[name](relay=relay, latent_steps=latent_steps)

@@ -1,0 +1,111 @@
+"""Running one graph node for a batch of items: inbox -> prompt -> agent step -> outgoing messages.
+
+Shared by the local and the Ray runtimes. Sender-side, every latent out-edge applies its compression recipe and
+every message is measured by the bytes it occupies on the wire; receiver-side, latent messages are unpacked and
+concatenated in topological order of their senders, text messages become labelled sections of the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agents.decoding import DecodeConfig
+from agents.prompts import agent_message, chat_ids
+from agents.runner import ModelRunner
+from relay.graph import AgentGraph
+from relay.memory import concat_memories
+from relay.messages import LatentMessage, TextMessage
+
+Message = TextMessage | LatentMessage
+
+
+def edge_key(source: str, target: str) -> str:
+    return f"{source}->{target}"
+
+
+def wire_size(message: Message) -> int:
+    """Bytes the message occupies on the wire (its encoded packet)."""
+    from relay.wire import encode
+
+    return len(encode(message))
+
+
+@dataclass
+class NodeOutput:
+    """One node's results for a batch: per-item messages per out-edge, texts, tokens, and costs."""
+
+    outgoing: dict[str, list[Message]] = field(default_factory=dict)
+    texts: list[str] | None = None
+    output_tokens: list[int] = field(default_factory=list)
+    thoughts: int = 0
+    seconds: float = 0.0
+    edge_bytes: dict[str, list[int]] = field(default_factory=dict)
+    edge_metrics: dict[str, list[dict]] = field(default_factory=dict)
+
+
+class NodeExecutor:
+    """Runs nodes of a graph on one model; ``default_decode`` applies to nodes without their own decoding."""
+
+    def __init__(self, runner: ModelRunner, default_decode: DecodeConfig | None = None):
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.default_decode = default_decode or DecodeConfig()
+
+    def run(
+        self,
+        graph: AgentGraph,
+        name: str,
+        questions: Sequence[str],
+        inboxes: Sequence[Sequence[Message]],
+        answer_format: str = "",
+    ) -> NodeOutput:
+        """Run node ``name`` for every item; ``inboxes[b]`` holds item ``b``'s messages in parent order."""
+        start = time.perf_counter()
+        node = graph.node(name)
+        memories, prompts = [], []
+        for question, inbox in zip(questions, inboxes):
+            latent = [m.unpacked() for m in inbox if isinstance(m, LatentMessage)]
+            texts = [(m.sender, m.texts[0]) for m in inbox if isinstance(m, TextMessage)]
+            memories.append(concat_memories(latent) if latent else None)
+            message = agent_message(
+                node.role_name,
+                question,
+                custom=node.prompt,
+                parent_texts=texts,
+                answer_format=answer_format if name == graph.final else None,
+                has_memory=bool(latent),
+            )
+            prompts.append(chat_ids(self.tokenizer, message))
+        thoughts = graph.thinks(name)
+        edges = graph.outgoing(name)
+        observe = thoughts > 0 and any(e.recipe for e in edges)
+        decode = (node.decoding or self.default_decode) if graph.decodes(name) else None
+        out = self.runner.step(memories, prompts, name, thoughts=thoughts, decode=decode, observe=observe)
+
+        result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
+        for e in edges:
+            key = edge_key(e.source, e.target)
+            messages, sizes, metrics = [], [], []
+            for b, memory in enumerate(out.memories):
+                if e.is_latent:
+                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe)
+                else:
+                    msg, info = TextMessage(name, [out.texts[b]]), {}
+                messages.append(msg)
+                sizes.append(wire_size(msg))
+                metrics.append(info)
+            result.outgoing[key], result.edge_bytes[key], result.edge_metrics[key] = messages, sizes, metrics
+        result.seconds = time.perf_counter() - start
+        return result
+
+    @staticmethod
+    def _latent_message(sender, memory, observations, b, recipe):
+        if not recipe:
+            return LatentMessage(sender, memory), {}
+        from compression import compress
+
+        observation = observations[b] if observations is not None else None
+        packed, metrics = compress(memory, observation, recipe)
+        return LatentMessage(sender, packed, recipe=recipe, metrics=metrics), metrics

@@ -1,0 +1,117 @@
+"""KVState <-> DynamicCache, positions after eviction gaps, concatenation and batching."""
+
+import pytest
+import torch
+
+from agents.batching import split_memory, stack_memories
+from agents.models import tiny_model
+from agents.runner import ModelRunner
+from relay.memory import IncompatibleMemoryError, KVState, MemoryError_, Segment, concat_memories
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def _memory_from(model, ids: torch.Tensor, fingerprint="fp") -> KVState:
+    out = model(input_ids=ids, use_cache=True)
+    cache = out.cache
+    b, t = ids.shape
+    empty = KVState.empty(b, len(cache.layers), cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3])
+    seg = torch.full((b, t), int(Segment.PROMPT))
+    return empty.with_cache(cache, seg, torch.zeros(b, t, dtype=torch.long), torch.arange(t).expand(b, t), ["a"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_round_trip_gives_same_logits_as_full_sequence(arch):
+    model = tiny_model(arch).model
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    full = model(input_ids=ids).logits[:, 8:]
+    memory = _memory_from(model, ids[:, :8])
+    cache = memory.to_cache()
+    assert [layer.keys.shape[2] for layer in cache.layers] == [8] * memory.num_layers
+    out = model(input_ids=ids[:, 8:], cache=cache, position_ids=torch.arange(8, 12).expand(2, 4))
+    torch.testing.assert_close(out.logits, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_after_eviction_continues_after_largest_original_position(arch):
+    loaded = tiny_model(arch)
+    model = loaded.model
+    runner = ModelRunner(model, None, "")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    new = [int(x) for x in torch.randint(0, 256, (4,), generator=torch.Generator().manual_seed(3))]
+    memory = _memory_from(model, ids, fingerprint="")
+    kept = torch.tensor([0, 1, 2, 5, 6, 9])  # slots 3, 4, 7, 8 evicted; the last token (position 9) survives
+    evicted = KVState(
+        keys=[k[:, :, kept] for k in memory.keys], values=[v[:, :, kept] for v in memory.values],
+        segment=memory.segment[:, kept], agent=memory.agent[:, kept], position=memory.position[:, kept],
+        agents=memory.agents,
+    )
+    assert int(evicted.next_position()) == 10
+    out = runner.step([evicted], [new], "b")
+    got = out.memories[0]
+    assert got.position[0, -4:].tolist() == [10, 11, 12, 13]
+    # reference: the whole sequence in one forward, new tokens masked off the evicted slots
+    seq = torch.cat([ids, torch.tensor([new])], dim=1)
+    allowed = torch.ones(14, 14).tril().bool()
+    allowed[10:, torch.tensor([3, 4, 7, 8])] = False
+    mask = torch.zeros(1, 1, 14, 14).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = model(input_ids=seq, attention_mask=mask, use_cache=True).past_key_values
+    for layer in range(got.num_layers):
+        torch.testing.assert_close(got.keys[layer][:, :, -4:], ref.layers[layer].keys[:, :, 10:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.values[layer][:, :, -4:], ref.layers[layer].values[:, :, 10:], atol=1e-5, rtol=1e-4)
+
+
+def test_batched_step_equals_single_items_and_padding_never_travels():
+    runner = ModelRunner(tiny_model("qwen2").model, None, "")
+    prompts = [list(range(5, 17)), list(range(30, 35)), list(range(40, 48))]
+    batched = runner.step([None] * 3, prompts, "a", thoughts=3, observe=True)
+    for b, p in enumerate(prompts):
+        single = runner.step([None], [p], "a", thoughts=3, observe=True)
+        m, s = batched.memories[b], single.memories[0]
+        assert m.num_tokens == len(p) + 3 and bool(m.valid.all())
+        for k1, k2 in zip(m.keys + m.values, s.keys + s.values):
+            torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.observations[b].attention, single.observations[0].attention, atol=1e-5, rtol=1e-4)
+    # a second agent on the ragged memories: still equal to one-at-a-time
+    second = runner.step(batched.memories, [[1, 2, 3], [4, 5], [6]], "b", thoughts=2)
+    alone = runner.step([batched.memories[1]], [[4, 5]], "b", thoughts=2)
+    torch.testing.assert_close(second.memories[1].keys[0], alone.memories[0].keys[0], atol=1e-5, rtol=1e-4)
+
+
+def test_segments_owners_and_sink():
+    runner = ModelRunner(tiny_model("llama").model, None, "")
+    out = runner.step([None], [list(range(10, 20))], "planner", thoughts=2)
+    m = out.memories[0]
+    assert m.segment[0].tolist() == [1] * 4 + [2] * 6 + [3] * 2
+    out2 = runner.step(out.memories, [list(range(3))], "critic", thoughts=1)
+    m2 = out2.memories[0]
+    assert m2.agents == ["planner", "critic"]
+    assert m2.agent[0].tolist() == [0] * 12 + [1] * 4
+    assert (m2.segment[0] == Segment.SINK).sum() == 4  # the sink is only the first agent's
+
+
+def test_concat_and_stack_split_round_trip():
+    runner = ModelRunner(tiny_model("llama").model, None, "")
+    a = runner.step([None], [list(range(10, 16))], "x").memories[0]
+    b = runner.step([None], [list(range(20, 23))], "y").memories[0]
+    both = concat_memories([a, b])
+    assert both.num_tokens == 9 and both.agents == ["x", "y"] and both.agent[0].tolist() == [0] * 6 + [1] * 3
+    assert int(both.next_position()) == 6
+    stacked = stack_memories([a, b])
+    assert stacked.num_tokens == 6 and int(stacked.valid[1].sum()) == 3
+    parts, _ = split_memory(stacked)
+    for orig, back in zip([a, b], parts):
+        assert back.agents == ["x", "y"] or back.agents == orig.agents
+        torch.testing.assert_close(back.keys[0], orig.keys[0])
+        assert back.position.tolist() == orig.position.tolist()
+
+
+def test_bad_memories_are_refused():
+    m = KVState.empty(1, 2, 2, 8)
+    with pytest.raises(MemoryError_):
+        KVState(keys=m.keys, values=m.values[:1], segment=m.segment, agent=m.agent, position=m.position)
+    runner = ModelRunner(tiny_model("llama").model, None, "fp-runner")
+    other = tiny_model("llama").model
+    foreign = ModelRunner(other, None, "fp-other").step([None], [[1, 2, 3]], "a").memories[0]
+    with pytest.raises(IncompatibleMemoryError, match="fp-other"):
+        runner.step([foreign], [[4]], "b")
