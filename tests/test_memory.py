@@ -55,7 +55,7 @@ def test_prefill_after_eviction_continues_after_largest_original_position(arch):
     allowed = torch.ones(14, 14).tril().bool()
     allowed[10:, torch.tensor([3, 4, 7, 8])] = False
     mask = torch.zeros(1, 1, 14, 14).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    ref = model(input_ids=seq, attention_mask=mask, use_cache=True).past_key_values
+    ref = model(input_ids=seq, attention_mask=mask, use_cache=True).cache
     for layer in range(got.num_layers):
         torch.testing.assert_close(got.keys[layer][:, :, -4:], ref.layers[layer].keys[:, :, 10:], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got.values[layer][:, :, -4:], ref.layers[layer].values[:, :, 10:], atol=1e-5, rtol=1e-4)
