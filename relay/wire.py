@@ -1,0 +1,674 @@
+"""Wire format: messages as self-describing, checksummed, size-limited packets (issue 4).
+
+A packet is one contiguous buffer (all integers little-endian)::
+
+    0   magic  b"LRLY"              4 bytes
+    4   format version              u16
+    6   flags (bit 0: zstd payload) u16, other bits zero
+    8   header length               u32
+    12  reserved                    u32, zero
+    16  stored payload length       u64
+    24  raw payload length          u64 (after decompression)
+    32  header                      msgpack map
+        zero padding to a 64-byte boundary
+    P   payload                     tensor frames at 64-byte aligned offsets (or one zstd frame of them)
+    end checksum                    16 bytes
+
+The header names the message kind, sender, model fingerprint, dtype, layers, KV heads, head dim, the token
+table's agents, the applied recipe, quantization parameters and, per frame, dtype / shape / offset / size.
+The token table (segment, agent, position) and every key / value tensor (or the packed codes, scales and zeros
+of a KIVI-quantized memory, :mod:`compression.quant`) are frames. Decoding is zero-copy where the buffer
+alignment allows: tensors are ``torch.frombuffer`` views of the packet (or of the decompressed payload).
+
+The checksum is a BLAKE2b tree digest (RFC 7693; 16-byte leaves over 1 MiB payload chunks, hashed in threads
+for large payloads) over the fixed prefix, the header and the payload, so a flipped bit anywhere is caught
+before the header is parsed. The header is msgpack read with strict settings (``raw=False``,
+``strict_map_key=True``, no ext types, bounded lengths); nothing is unpickled or evaluated. Hard limits
+(:class:`WireLimits`) bound the header size, the decoded size (a zstd bomb is refused from its declared sizes
+before anything is inflated), layers, heads, tokens and frames. Every problem raises a :class:`PacketError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import msgpack
+import torch
+import zstandard
+
+from relay.memory import KVState, MemoryError_, Segment
+from relay.messages import LatentMessage, TextMessage
+
+MAGIC = b"LRLY"
+FORMAT_VERSION = 1
+FLAG_ZSTD = 1
+ALIGN = 64
+PREFIX = struct.Struct("<4sHHIIQQ")
+DIGEST_SIZE = 16
+LEAF_BYTES = 1 << 20
+PARALLEL_LEAVES = 8
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int64": torch.int64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_NAMES = ("float32", "float16", "bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class PacketError(ValueError):
+    """A byte string is not a valid packet (or breaks a limit); the message says why."""
+
+
+class TruncatedPacketError(PacketError):
+    """The packet is shorter than its prefix or header says."""
+
+
+class ChecksumError(PacketError):
+    """The checksum does not match: the packet was corrupted or altered."""
+
+
+class HeaderError(PacketError):
+    """The prefix or msgpack header is malformed or disagrees with the payload."""
+
+
+class UnsupportedVersionError(PacketError):
+    """The packet uses a wire-format version this code does not read."""
+
+
+class LimitExceededError(PacketError):
+    """The packet declares more than :class:`WireLimits` allows (size, layers, heads, tokens, frames...)."""
+
+
+class ModelMismatchError(PacketError):
+    """The packet's working memory was made by a different model than the receiver's."""
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Hard limits checked before anything large is allocated; defaults fit a Qwen3-8B-sized batch."""
+
+    max_header_bytes: int = 8 << 20
+    max_decoded_bytes: int = 16 << 30
+    max_layers: int = 1024
+    max_heads: int = 1024
+    max_head_dim: int = 4096
+    max_tokens: int = 1 << 20
+    max_batch: int = 4096
+    max_frames: int = 16384
+    max_agents: int = 4096
+    max_texts: int = 1 << 16
+    max_string_bytes: int = 4 << 20
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+# ------------------------------------------------------------------------------------------------ checksum
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="wire-hash")
+
+
+def _leaf(parts: list[memoryview]) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for p in parts:
+        h.update(p)  # hashlib releases the GIL on large buffers
+    return h.digest()
+
+
+def _leaves(pieces: Sequence[memoryview]) -> list[list[memoryview]]:
+    """Cut the concatenation of ``pieces`` into LEAF_BYTES chunks, as lists of zero-copy slices."""
+    leaves: list[list[memoryview]] = [[]]
+    room = LEAF_BYTES
+    for piece in pieces:
+        pos = 0
+        while pos < len(piece):
+            if room == 0:
+                leaves.append([])
+                room = LEAF_BYTES
+            take = min(room, len(piece) - pos)
+            leaves[-1].append(piece[pos : pos + take])
+            pos += take
+            room -= take
+    return leaves
+
+
+def _digest(head: memoryview | bytes, payload: Sequence[memoryview]) -> bytes:
+    """BLAKE2b tree digest: root over (head, one 16-byte digest per 1 MiB payload leaf)."""
+    leaves = _leaves(payload)
+    if len(leaves) >= PARALLEL_LEAVES:
+        digests = list(_pool().map(_leaf, leaves))
+    else:
+        digests = [_leaf(leaf) for leaf in leaves]
+    root = hashlib.blake2b(digest_size=DIGEST_SIZE, person=b"latent-relay")
+    root.update(head)
+    root.update(b"".join(digests))
+    return root.digest()
+
+
+# ------------------------------------------------------------------------------------------------ encode
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a (CPU, contiguous) tensor."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """Metrics as msgpack-safe plain data: numbers, strings, lists and str-keyed maps (others dropped)."""
+    if depth > 8:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    return None
+
+
+def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+    """Header fields and named frames of a KVState or QuantizedMemory."""
+    quantized = not isinstance(memory, KVState)
+    if quantized:
+        memory.validate()
+        meta = memory.dequantize_meta()
+    else:
+        meta = memory
+    table = [
+        ("segment", memory.segment.to(torch.int8)),
+        ("agent", memory.agent.to(torch.int16)),
+        ("position", memory.position.to(torch.int64)),
+    ]
+    fields = {
+        "memory": "quantized" if quantized else "kv",
+        "fingerprint": meta.fingerprint,
+        "dtype": DTYPE_NAMES.get(meta.dtype, str(meta.dtype)),
+        "layers": meta.num_layers,
+        "kv_heads": meta.num_kv_heads,
+        "head_dim": meta.head_dim,
+        "batch": meta.batch_size,
+        "tokens": meta.num_tokens,
+        "per_head_positions": meta.per_head_positions,
+        "agents": list(meta.agents),
+        "quant": None,
+    }
+    if fields["dtype"] not in FLOAT_NAMES:
+        raise ValueError(f"cannot encode a memory of dtype {meta.dtype}")
+    frames = list(table)
+    if not quantized:
+        for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
+            frames += [(f"k{i}", k), (f"v{i}", v)]
+        return fields, frames
+    layouts = {(q.bits, q.group_size) for q in memory.keys}, {(q.bits, q.group_size) for q in memory.values}
+    if len(layouts[0]) > 1 or len(layouts[1]) > 1 or {b for b, _ in layouts[0]} != {b for b, _ in layouts[1]}:
+        raise ValueError("a quantized memory must use one bit width and one group size per tensor kind")
+    if memory.keys:
+        fields["quant"] = {
+            "bits": memory.keys[0].bits,
+            "key_group": memory.keys[0].group_size,
+            "value_group": memory.values[0].group_size,
+        }
+    for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
+        for name, q in ((f"k{i}", k), (f"v{i}", v)):
+            frames += [(f"{name}.data", q.data), (f"{name}.scale", q.scale), (f"{name}.zero", q.zero)]
+    return fields, frames
+
+
+def encode(
+    message: TextMessage | LatentMessage,
+    *,
+    zstd_level: int | None = None,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> bytes:
+    """Pack a message into one packet (see the module docstring). ``zstd_level`` compresses the payload
+    (kept raw when compression does not shrink it)."""
+    if isinstance(message, TextMessage):
+        header: dict[str, Any] = {"kind": "text", "sender": message.sender, "texts": list(message.texts)}
+        frames: list[tuple[str, torch.Tensor]] = []
+    elif isinstance(message, LatentMessage):
+        fields, frames = _memory_frames(message.memory)
+        header = {"kind": "latent", "sender": message.sender, "recipe": message.recipe, **fields}
+        header["metrics"] = _plain(message.metrics)
+    else:
+        raise TypeError(f"cannot encode {type(message).__name__}; expected TextMessage or LatentMessage")
+    if zstd_level is not None and not (-100 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
+        raise ValueError(f"zstd level must be in [-100, {zstandard.MAX_COMPRESSION_LEVEL}], got {zstd_level}")
+
+    pieces: list[memoryview] = []
+    table = []
+    offset = 0
+    for name, tensor in frames:
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"frame {name}: dtype {tensor.dtype} cannot travel")
+        view = _bytes_view(tensor)
+        start = _align(offset)
+        if start > offset:
+            pieces.append(memoryview(bytes(start - offset)))
+        pieces.append(view)
+        table.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, len(view)])
+        offset = start + len(view)
+    raw_len = offset
+    header["frames"] = table
+    header["zstd_level"] = zstd_level
+
+    flags = 0
+    if zstd_level is not None and raw_len:
+        cobj = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compressobj(size=raw_len)
+        packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
+        if len(packed) < raw_len:
+            pieces, flags = [memoryview(packed)], FLAG_ZSTD
+    stored_len = sum(len(p) for p in pieces)
+
+    head_bytes = msgpack.packb(header, use_bin_type=True)
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head_bytes), 0, stored_len, raw_len)
+    head = prefix + head_bytes
+    head += bytes(_align(len(head)) - len(head))
+    _check_declared(len(head_bytes), raw_len, limits)
+    return b"".join([head, *pieces, _digest(head, pieces)])
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def _check_declared(header_len: int, raw_len: int, limits: WireLimits) -> None:
+    if header_len > limits.max_header_bytes:
+        raise LimitExceededError(
+            f"header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}"
+        )
+    if raw_len > limits.max_decoded_bytes:
+        raise LimitExceededError(
+            f"payload decodes to {raw_len} bytes, over the limit of {limits.max_decoded_bytes}"
+        )
+
+
+@dataclass
+class _Packet:
+    """A packet whose framing and checksum are verified and whose header is parsed."""
+
+    header: dict
+    payload: memoryview  # raw (decompressed) payload
+    flags: int
+    total: int
+    stored_len: int
+    header_len: int
+
+
+def _open(data: bytes | bytearray | memoryview, limits: WireLimits) -> _Packet:
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as e:
+        raise PacketError(
+            f"a packet must be a contiguous bytes-like object, not {type(data).__name__}"
+        ) from e
+    if len(view) < PREFIX.size + DIGEST_SIZE:
+        if bytes(view[:4]) != MAGIC[: len(view[:4])]:
+            raise HeaderError("not a latent-relay packet (bad magic)")
+        raise TruncatedPacketError(
+            f"packet of {len(view)} bytes is shorter than the minimum {PREFIX.size + 16}"
+        )
+    magic, version, flags, header_len, reserved, stored_len, raw_len = PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise HeaderError(f"not a latent-relay packet (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"wire format version {version}; this build reads version {FORMAT_VERSION}"
+        )
+    if flags & ~FLAG_ZSTD or reserved:
+        raise HeaderError(f"unknown flags {flags:#x} or non-zero reserved field {reserved:#x}")
+    _check_declared(header_len, raw_len, limits)
+    if not flags & FLAG_ZSTD and stored_len != raw_len:
+        raise HeaderError(f"uncompressed payload declares {stored_len} stored but {raw_len} raw bytes")
+    if stored_len > limits.max_decoded_bytes:
+        raise LimitExceededError(f"stored payload of {stored_len} bytes exceeds {limits.max_decoded_bytes}")
+    payload_off = _align(PREFIX.size + header_len)
+    total = payload_off + stored_len + DIGEST_SIZE
+    if len(view) < total:
+        raise TruncatedPacketError(f"packet is {len(view)} bytes but its prefix declares {total}")
+    if len(view) > total:
+        raise HeaderError(f"{len(view) - total} unexpected bytes after the end of the packet")
+    head, stored = view[:payload_off], view[payload_off : payload_off + stored_len]
+    if _digest(head, [stored]) != bytes(view[total - DIGEST_SIZE :]):
+        raise ChecksumError("checksum mismatch: the packet is corrupted or was altered")
+    if any(view[PREFIX.size + header_len : payload_off]):
+        raise HeaderError("non-zero header padding")
+    header = _parse_header(view[PREFIX.size : PREFIX.size + header_len], limits)
+    payload = _inflate(stored, raw_len) if flags & FLAG_ZSTD else stored
+    return _Packet(header, payload, flags, total, stored_len, header_len)
+
+
+def _parse_header(raw: memoryview, limits: WireLimits) -> dict:
+    cap = limits.max_string_bytes
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=cap,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=max(limits.max_frames, limits.max_texts, limits.max_agents, 64),
+            max_map_len=4096,
+        )
+    except Exception as e:  # msgpack raises several unrelated types for malformed input
+        raise HeaderError(f"malformed msgpack header: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"header must be a map, got {type(header).__name__}")
+    return header
+
+
+def _inflate(stored: memoryview, raw_len: int) -> memoryview:
+    """Decompress one zstd frame whose declared content size must equal ``raw_len`` (checked first)."""
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as e:
+        raise HeaderError(f"payload is not a zstd frame: {e}") from None
+    if declared != raw_len:
+        raise HeaderError(f"zstd frame declares {declared} content bytes but the prefix says {raw_len}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+    except zstandard.ZstdError as e:
+        raise HeaderError(f"zstd payload does not decompress: {e}") from None
+    if len(out) != raw_len:
+        raise HeaderError(f"zstd payload inflated to {len(out)} bytes, expected {raw_len}")
+    return memoryview(out)
+
+
+def _field(header: dict, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if key not in header:
+        if optional:
+            return None
+        raise HeaderError(f"header lacks {key!r}")
+    value = header[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise HeaderError(f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _count(header: dict, key: str, limit: int, *, minimum: int = 0) -> int:
+    value = _field(header, key, int)
+    if value < minimum:
+        raise HeaderError(f"header field {key!r} = {value} is below {minimum}")
+    if value > limit:
+        raise LimitExceededError(f"{key} = {value} exceeds the limit of {limit}")
+    return value
+
+
+def _strings(header: dict, key: str, limit: int) -> list[str]:
+    values = _field(header, key, list)
+    if len(values) > limit:
+        raise LimitExceededError(f"{len(values)} {key} exceed the limit of {limit}")
+    if not all(isinstance(v, str) for v in values):
+        raise HeaderError(f"header field {key!r} must be a list of strings")
+    return values
+
+
+def _expected_frames(header: dict, limits: WireLimits) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every frame a latent header implies, in order."""
+    layers = _count(header, "layers", limits.max_layers)
+    heads = _count(header, "kv_heads", limits.max_heads)
+    dim = _count(header, "head_dim", limits.max_head_dim)
+    batch = _count(header, "batch", limits.max_batch)
+    tokens = _count(header, "tokens", limits.max_tokens)
+    dtype = _field(header, "dtype", str)
+    if dtype not in FLOAT_NAMES:
+        raise HeaderError(f"memory dtype {dtype!r} is not one of {FLOAT_NAMES}")
+    per_head = _field(header, "per_head_positions", bool)
+    if 3 + 6 * layers > limits.max_frames:
+        raise LimitExceededError(f"{layers} layers need more than {limits.max_frames} frames")
+    pos_shape = (layers, batch, heads, tokens) if per_head else (batch, tokens)
+    frames = [("segment", "int8", (batch, tokens)), ("agent", "int16", (batch, tokens))]
+    frames.append(("position", "int64", pos_shape))
+    shape = (batch, heads, tokens, dim)
+    kind = _field(header, "memory", str)
+    if kind == "kv":
+        for i in range(layers):
+            frames += [(f"k{i}", dtype, shape), (f"v{i}", dtype, shape)]
+        return frames
+    if kind != "quantized":
+        raise HeaderError(f"memory kind {kind!r} is neither 'kv' nor 'quantized'")
+    from compression.quant import group_layout
+    from kernels import SUPPORTED_BITS, packed_width
+
+    quant = _field(header, "quant", dict, optional=True)
+    if quant is None:
+        if layers:
+            raise HeaderError("a quantized memory needs quantization parameters")
+        return frames
+    bits = _field(quant, "bits", int)
+    if bits not in SUPPORTED_BITS:
+        raise HeaderError(f"quantization bits {bits} not in {SUPPORTED_BITS}")
+    for i in range(layers):
+        for name, axis, group in (
+            (f"k{i}", "channel", _field(quant, "key_group", int, optional=True)),
+            (f"v{i}", "token", _field(quant, "value_group", int, optional=True)),
+        ):
+            if group is not None and group < 1:
+                raise HeaderError(f"group size {group} must be positive")
+            rows, width, _ = group_layout(shape, axis, group)
+            frames += [
+                (f"{name}.data", "uint8", (rows, packed_width(width, bits))),
+                (f"{name}.scale", "float16", (rows,)),
+                (f"{name}.zero", "float16", (rows,)),
+            ]
+    return frames
+
+
+def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.Tensor]:
+    """Check the frame table against ``expected`` and the payload; return zero-copy views where aligned."""
+    table = _field(packet.header, "frames", list)
+    if len(table) > limits.max_frames:
+        raise LimitExceededError(f"{len(table)} frames exceed the limit of {limits.max_frames}")
+    if len(table) != len(expected):
+        raise HeaderError(f"header lists {len(table)} frames; its shapes imply {len(expected)}")
+    payload = packet.payload
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = torch.frombuffer(payload, dtype=torch.uint8).data_ptr() if len(payload) else 0
+    out: dict[str, torch.Tensor] = {}
+    end = 0
+    for entry, (name, dtype, shape) in zip(table, expected):
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise HeaderError(f"frame entry for {name!r} must be [name, dtype, shape, offset, size]")
+        got_name, got_dtype, got_shape, offset, size = entry
+        if got_name != name or got_dtype != dtype or got_shape != list(shape):
+            raise HeaderError(
+                f"frame {got_name!r} {got_dtype} {got_shape}; expected {name!r} {dtype} {list(shape)}"
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)):
+            raise HeaderError(f"frame {name!r}: offset and size must be integers")
+        torch_dtype = DTYPES[dtype]
+        nbytes = math.prod(shape) * torch_dtype.itemsize
+        if size != nbytes:
+            raise HeaderError(f"frame {name!r} declares {size} bytes; {dtype} {list(shape)} needs {nbytes}")
+        if offset % ALIGN or offset < end or offset + size > len(payload):
+            raise HeaderError(
+                f"frame {name!r} at [{offset}, {offset + size}) is misplaced in a {len(payload)}-byte payload"
+            )
+        out[name] = _frame(payload, base, offset, size, torch_dtype, shape)
+        end = offset + size
+    if _align(end) != _align(len(payload)) or any(payload[end:]):
+        raise HeaderError(f"payload has {len(payload) - end} bytes after the last frame")
+    return out
+
+
+def _frame(payload: memoryview, base: int, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
+    chunk = payload[offset : offset + size]
+    if (base + offset) % dtype.itemsize:
+        chunk = memoryview(bytearray(chunk))
+    with warnings.catch_warnings():  # read-only buffers: the tensors alias the packet
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(chunk, dtype=dtype).view(shape)
+
+
+def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None) -> LatentMessage:
+    h = packet.header
+    fingerprint = _field(h, "fingerprint", str)
+    if expect_fingerprint is not None and fingerprint != expect_fingerprint:
+        raise ModelMismatchError(
+            f"packet memory was made by model {fingerprint or '(unknown)'!r} but this receiver runs model "
+            f"{expect_fingerprint!r}"
+        )
+    agents = _strings(h, "agents", limits.max_agents)
+    frames = _tensors(packet, _expected_frames(h, limits), limits)
+    segment, agent = frames["segment"], frames["agent"]
+    if segment.numel() and (int(segment.min()) < 0 or int(segment.max()) > max(Segment)):
+        raise HeaderError("token table holds an unknown segment code")
+    if agent.numel() and (int(agent.min()) < -1 or int(agent.max()) >= len(agents)):
+        raise HeaderError(f"token table names an agent outside the {len(agents)} listed")
+    layers = h["layers"]
+    try:
+        if h["memory"] == "kv":
+            memory: Any = KVState(
+                keys=[frames[f"k{i}"] for i in range(layers)],
+                values=[frames[f"v{i}"] for i in range(layers)],
+                segment=segment,
+                agent=agent,
+                position=frames["position"],
+                agents=agents,
+                fingerprint=fingerprint,
+            )
+        else:
+            memory = _quantized(h, frames, agents, fingerprint)
+    except (MemoryError_, ValueError) as e:
+        raise HeaderError(f"memory does not fit its token table: {e}") from None
+    metrics = _field(h, "metrics", dict, optional=True) or {}
+    return LatentMessage(_field(h, "sender", str), memory, _field(h, "recipe", str), metrics)
+
+
+def _quantized(h: dict, frames: dict[str, torch.Tensor], agents: list[str], fingerprint: str):
+    from compression.quant import QuantizedMemory, QuantizedTensor
+
+    shape = (h["batch"], h["kv_heads"], h["tokens"], h["head_dim"])
+    quant = h.get("quant") or {}
+    dtype = DTYPES[h["dtype"]]
+
+    def qt(name: str, axis: str, group: int | None) -> QuantizedTensor:
+        data, scale, zero = (frames[f"{name}.{part}"] for part in ("data", "scale", "zero"))
+        return QuantizedTensor(data, scale, zero, quant["bits"], axis, shape, dtype, group)
+
+    memory = QuantizedMemory(
+        keys=[qt(f"k{i}", "channel", quant.get("key_group")) for i in range(h["layers"])],
+        values=[qt(f"v{i}", "token", quant.get("value_group")) for i in range(h["layers"])],
+        segment=frames["segment"],
+        agent=frames["agent"],
+        position=frames["position"],
+        agents=agents,
+        fingerprint=fingerprint,
+    )
+    memory.validate()
+    return memory
+
+
+def _message(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None):
+    kind = _field(packet.header, "kind", str)
+    if kind == "text":
+        texts = _strings(packet.header, "texts", limits.max_texts)
+        if packet.payload.nbytes or _field(packet.header, "frames", list):
+            raise HeaderError("a text packet carries no frames")
+        return TextMessage(_field(packet.header, "sender", str), texts)
+    if kind == "latent":
+        return _latent(packet, limits, expect_fingerprint)
+    raise HeaderError(f"unknown message kind {kind!r}")
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    expect_fingerprint: str | None = None,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> TextMessage | LatentMessage:
+    """Unpack and verify a packet. ``expect_fingerprint`` rejects working memory of another model.
+
+    Tensors of the result are views of ``data`` (or of the decompressed payload) where alignment allows: do
+    not mutate ``data`` while the message is in use. Every problem raises a :class:`PacketError`.
+    """
+    packet = _open(data, limits)
+    return _message(packet, limits, expect_fingerprint)
+
+
+# ------------------------------------------------------------------------------------------------ describe
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def describe(data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS) -> str:
+    """A packet's header in human terms (what ``relay inspect FILE`` prints). Verifies the packet first."""
+    packet = _open(data, limits)
+    message = _message(packet, limits, None)
+    h = packet.header
+    level = h.get("zstd_level")
+    stored = "zstd" if packet.flags & FLAG_ZSTD else "raw"
+    if level is not None and not packet.flags & FLAG_ZSTD:
+        stored = f"raw (zstd level {level} did not shrink it)"
+    elif level is not None:
+        stored = f"zstd level {level}"
+    lines = [
+        f"latent-relay packet, format v{FORMAT_VERSION}: {_size(packet.total)} ({packet.total:,} bytes)",
+        f"  kind       {h['kind']}",
+        f"  sender     {h['sender']}",
+        f"  payload    {stored}; header {_size(packet.header_len)}, payload {_size(packet.stored_len)} "
+        f"stored / {_size(len(packet.payload))} raw, {len(h.get('frames', []))} frames",
+    ]
+    if isinstance(message, TextMessage):
+        lines.append(f"  texts      {len(message.texts)} ({_size(message.nbytes)} of UTF-8)")
+        return "\n".join(lines)
+    memory = message.memory
+    quant = h.get("quant")
+    form = "full-precision KV"
+    if h["memory"] == "quantized":
+        form = f"int{quant['bits'] if quant else '?'} KIVI (keys per channel, values per token)"
+        if quant and quant.get("key_group"):
+            form += f", key groups of {quant['key_group']} tokens"
+        if quant and quant.get("value_group"):
+            form += f", value groups of {quant['value_group']} channels"
+    seg = memory.segment.long()
+    counts = ", ".join(f"{s.name.lower()} {int((seg == s).sum())}" for s in Segment)
+    logical = 2 * h["layers"] * h["batch"] * h["kv_heads"] * h["tokens"] * h["head_dim"]
+    logical *= DTYPES[h["dtype"]].itemsize
+    lines += [
+        f"  model      {h['fingerprint'] or '(no fingerprint)'}",
+        f"  memory     {form}; dtype {h['dtype']}",
+        f"  shape      {h['layers']} layers x {h['kv_heads']} KV heads x head dim {h['head_dim']}; batch "
+        f"{h['batch']}, {h['tokens']} token slots"
+        + (" (per-head positions)" if h["per_head_positions"] else ""),
+        f"  tokens     {counts} (over the batch)",
+        f"  agents     {', '.join(h['agents']) or '(none)'}",
+        f"  recipe     {h['recipe'] or '(full relay)'}",
+        f"  size       {_size(logical)} as {h['dtype']} K/V -> {_size(packet.total)} on the wire "
+        f"({logical / max(packet.total, 1):.2f}x)",
+    ]
+    return "\n".join(lines)
