@@ -1,0 +1,84 @@
+"""Small memories and packets for the wire tests and fuzzers, and ``seal`` to forge checksummed packets."""
+
+from __future__ import annotations
+
+import msgpack
+import torch
+
+from compression.quant import quantize_memory
+from relay import wire
+from relay.memory import KVState, Segment
+from relay.messages import LatentMessage, TextMessage
+
+
+def make_memory(
+    batch: int = 2,
+    heads: int = 2,
+    tokens: int = 6,
+    dim: int = 4,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    per_head: bool = False,
+    fingerprint: str = "model-a",
+    seed: int = 0,
+) -> KVState:
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd() -> torch.Tensor:
+        return torch.randn(batch, heads, tokens, dim, generator=g).to(dtype)
+
+    segment = torch.full((batch, tokens), int(Segment.PROMPT), dtype=torch.int8)
+    if tokens:
+        segment[:, 0] = Segment.SINK
+        segment[:, -1] = Segment.THOUGHT
+        segment[0, 1:2] = Segment.PAD
+    agent = torch.zeros(batch, tokens, dtype=torch.int16)
+    agent[segment == Segment.PAD] = -1
+    position = torch.arange(tokens).expand(batch, tokens).clone()
+    if per_head:
+        position = position[None, :, None, :].expand(layers, batch, heads, tokens).clone()
+    return KVState(
+        keys=[rnd() for _ in range(layers)],
+        values=[rnd() for _ in range(layers)],
+        segment=segment,
+        agent=agent,
+        position=position,
+        agents=["planner"],
+        fingerprint=fingerprint,
+    )
+
+
+def seed_packets() -> list[bytes]:
+    """A few small valid packets of every kind (a few hundred bytes each)."""
+    tiny = make_memory(batch=1, heads=1, tokens=3, dim=2, layers=1)
+    return [
+        wire.encode(TextMessage("critic", ["x = 3", "ok"])),
+        wire.encode(LatentMessage("planner", tiny, "h:budget=2")),
+        wire.encode(LatentMessage("planner", make_memory(layers=1, dtype=torch.float16), ""), zstd_level=1),
+        wire.encode(LatentMessage("planner", quantize_memory(tiny, 4), "gen+int4")),
+    ]
+
+
+def split(packet: bytes) -> tuple[dict, bytes, int, int]:
+    """``(header, stored payload, raw length, flags)`` of a valid packet."""
+    _, _, flags, hlen, _, slen, rlen = wire.PREFIX.unpack_from(packet)
+    off = wire._align(wire.PREFIX.size + hlen)
+    header = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + hlen], raw=False)
+    return header, packet[off : off + slen], rlen, flags
+
+
+def seal(
+    header: object | bytes,
+    stored: bytes = b"",
+    raw_len: int | None = None,
+    flags: int = 0,
+    version: int = wire.FORMAT_VERSION,
+    reserved: int = 0,
+) -> bytes:
+    """A packet with a *valid* checksum around arbitrary header / payload bytes (to reach the parser)."""
+    head_bytes = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
+    raw_len = len(stored) if raw_len is None else raw_len
+    prefix = wire.PREFIX.pack(wire.MAGIC, version, flags, len(head_bytes), reserved, len(stored), raw_len)
+    head = prefix + head_bytes
+    head += bytes(wire._align(len(head)) - len(head))
+    return head + stored + wire._digest(head, [memoryview(stored)])
