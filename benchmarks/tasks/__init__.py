@@ -1,0 +1,36 @@
+"""Benchmark tasks: loaders for the shared evaluation data and scorers for final answers.
+
+`get_task(name)` returns a `Task` with `name`, `answer_format` (the instruction for the final agent),
+`load(n, data_dir=None) -> list[TaskItem]` and `score(item, answer_text) -> bool`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from benchmarks.tasks.base import Task, TaskItem
+from benchmarks.tasks.data import DataNotFoundError
+from benchmarks.tasks.gsm8k import GSM8K
+from benchmarks.tasks.humaneval import HumanEval
+from benchmarks.tasks.medqa import MedQA
+
+TASKS: dict[str, Callable[[], Task]] = {"gsm8k": GSM8K, "humaneval": HumanEval, "medqa": MedQA}
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not registered."""
+
+
+def task_names() -> list[str]:
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The task registered under `name` (case-insensitive)."""
+    key = (name or "").strip().lower()
+    if key not in TASKS:
+        raise UnknownTaskError(f"unknown task {name!r}; choose one of {', '.join(task_names())}")
+    return TASKS[key]()
+
+
+__all__ = ["DataNotFoundError", "Task", "TaskItem", "UnknownTaskError", "get_task", "task_names", "TASKS"]
