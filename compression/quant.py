@@ -101,8 +101,8 @@ def _lines(t: torch.Tensor, axis: str) -> torch.Tensor:
     *lead, tokens, dim = t.shape
     t = t.reshape(_prod(lead), tokens, dim)
     if axis == "channel":
-        return t.transpose(1, 2).reshape(-1, tokens)
-    return t.reshape(-1, dim)
+        return t.transpose(1, 2).reshape(t.shape[0] * dim, tokens)
+    return t.reshape(t.shape[0] * tokens, dim)
 
 
 def quantize(
@@ -154,7 +154,8 @@ def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tenso
     x = kernels.unpack_dequantize(q.data, q.scale, q.zero, q.bits, group, q.dtype, backend=backend)
     *lead, tokens, dim = q.shape
     length = tokens if q.axis == "channel" else dim
-    x = x.reshape(-1, per_line * group)[:, :length]
+    lines = _prod(lead) * (dim if q.axis == "channel" else tokens)
+    x = x.reshape(lines, per_line * group)[:, :length]
     if q.axis == "channel":
         x = x.reshape(_prod(lead), dim, tokens).transpose(1, 2)
     return x.reshape(q.shape).contiguous()
