@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import textwrap
@@ -31,8 +30,8 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
 
 def _compiles(source: str) -> bool:
     try:
-        ast.parse(source)
-    except SyntaxError:
+        compile(source, "<candidate>", "exec")  # compiles only; nothing runs (and catches a stray `return`)
+    except (SyntaxError, ValueError):
         return False
     return True
 
