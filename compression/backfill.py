@@ -1,0 +1,385 @@
+"""Orthogonal Backfill (OBF, arXiv 2604.13349; METHODS.md §3).
+
+Eviction throws the evicted prompt *values* away; OBF folds the part of them that the kept values cannot express
+back into the kept values, at no extra bytes. For each (item, layer, KV head) with kept prompt values
+``X`` (k x d) and evicted ``Y`` (n_d x d), selection weights ``w``::
+
+    Q = qr(X^T).Q                       # basis of the kept span
+    R = Y - Y Q Q^T                     # residual orthogonal to every kept value
+    C = top-p right singular vectors of R
+    r = w_hat^T R,  w_hat = w_D / sum(w_D)
+    delta = (r C^T) C,  alpha = A_d / A_s
+    V[j] += alpha * delta               # every kept prompt value of that head
+
+Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
+the solver (``exact``: batched QR + SVD in fp32; ``subspace``: Gram matrices ``R^T R`` of all problems at once and
+batched subspace iteration with Rayleigh-Ritz; ``eigh``: batched eigen-solve of the same Gram matrices), the inject
+and scale modes, and the published ablations (no projection, naive aggregation, no scaling, all components).
+:func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from compression.selectors import Gathered, Selection
+from relay.memory import KVState
+
+Solver = Literal["exact", "subspace", "eigh"]
+
+#: Published ablations (arXiv 2604.13349, Table "ablations") as config overrides.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "no-projection": {"project": False},
+    "naive-aggregation": {"aggregate": "mean"},
+    "no-scaling": {"scale": "none"},
+    "all-components": {"rank": None},
+}
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    """Every knob of Orthogonal Backfill (arXiv 2604.13349).
+
+    ``rank``: residual directions kept (``p``; 4 for L-OBF, 2 for H-OBF; ``None`` = all components).
+    ``inject``: ``uniform`` adds the same ``alpha * delta`` to every kept prompt value of a head;
+    ``attention`` scales it per kept token by ``w_j / mean_K(w)`` (same total, more on attended tokens).
+    ``scale``: ``ratio`` = ``A_d / A_s`` (paper), ``none`` = 1, ``share`` = ``A_d / (A_d + A_s)``.
+    ``project``: ``False`` is the "no projection" ablation (``R = Y``).
+    ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
+    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
+    ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F``.
+    """
+
+    rank: int | None = 4
+    solver: Solver = "subspace"
+    inject: Literal["uniform", "attention"] = "uniform"
+    scale: Literal["ratio", "none", "share"] = "ratio"
+    project: bool = True
+    aggregate: Literal["attention", "mean"] = "attention"
+    iterations: int = 12
+    oversample: int = 10
+    orth_every: int = 2
+    seed: int = 0
+    eps: float = 1e-8
+    residual_tol: float = 1e-5
+
+    def with_ablation(self, name: str) -> BackfillConfig:
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown OBF ablation {name!r}; expected one of {', '.join(ABLATIONS)}")
+        return replace(self, **ABLATIONS[name])
+
+
+@dataclass
+class BackfillResult:
+    """Per-problem outcome, all ``[L, B, H_kv, ...]`` float32.
+
+    ``shift`` ``[L, B, H, d]`` is ``alpha * delta`` (zero where nothing was injected); ``token_scale``
+    ``[L, B, H, k]`` multiplies it per kept prompt token (1 in uniform mode, 0 on padding);
+    ``residual_norm`` / ``evicted_norm`` are ``||R||_F`` / ``||Y||_F``; ``applied`` says where OBF injected.
+    """
+
+    shift: torch.Tensor
+    token_scale: torch.Tensor
+    residual_norm: torch.Tensor
+    evicted_norm: torch.Tensor
+    applied: torch.Tensor
+
+    def diagnostics(self) -> dict[str, float]:
+        has = self.evicted_norm > 0
+        y2 = float((self.evicted_norm[has] ** 2).sum())
+        r2 = float((self.residual_norm[has] ** 2).sum())
+        inj = torch.linalg.vector_norm(self.shift, dim=-1)[self.applied]
+        return {
+            "obf_residual_ratio": (r2 / y2) ** 0.5 if y2 > 0 else 0.0,
+            "obf_injected_norm": float(inj.mean()) if inj.numel() else 0.0,
+            "obf_injected_norm_max": float(inj.max()) if inj.numel() else 0.0,
+            "obf_problems": int(has.sum()),
+            "obf_applied": int(self.applied.sum()),
+        }
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _masked_order(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``True`` slots first (in original order), truncated to ``count``: ``[..., count]``."""
+    return (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :count]
+
+
+def _gather_rows(values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """``values[l][b, h, index[l, b, h, j]]`` stacked to ``[L, B, H, J, d]`` float32."""
+    d = values[0].shape[-1]
+    return torch.stack(
+        [v.gather(2, index[i][..., None].expand(*index[i].shape, d)).float() for i, v in enumerate(values)]
+    )
+
+
+def _weights_hat(weights: torch.Tensor, evict: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """``w_hat`` over the evicted slots (zero elsewhere); uniform when asked for or when all weights are 0."""
+    w = torch.where(evict, weights.clamp_min(0), torch.zeros_like(weights))
+    total = w.sum(dim=-1, keepdim=True)
+    n = evict.sum(dim=-1, keepdim=True).clamp_min(1).to(w.dtype)
+    uniform = evict.to(w.dtype) / n
+    if aggregate == "mean":
+        return uniform
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), uniform)
+
+
+def _alpha(a_d: torch.Tensor, a_s: torch.Tensor, cfg: BackfillConfig) -> torch.Tensor:
+    if cfg.scale == "ratio":
+        return a_d / (a_s + cfg.eps)
+    if cfg.scale == "share":
+        return a_d / (a_d + a_s + cfg.eps)
+    if cfg.scale == "none":
+        return torch.ones_like(a_d)
+    raise ValueError(f"unknown OBF scale mode {cfg.scale!r}")
+
+
+def _restrict(r: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """``delta = (r C^T) C`` for ``r`` ``[N, d]``, ``C`` ``[N, p, d]``; ``C = None`` keeps every component."""
+    if c is None:
+        return r
+    return torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", r, c), c)
+
+
+def _use_all_components(cfg: BackfillConfig, d: int) -> bool:
+    return cfg.rank is None or cfg.rank >= d
+
+
+# -------------------------------------------------------------------------------------- orthonormal bases
+def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the kept span, ``Q^T`` as ``[N, k, d]`` (rows beyond ``kept`` are zero).
+
+    Cholesky QR: ``A = X X^T`` in float64, ``Q^T = L^-1 X``. Problems where ``A`` is singular (rank-deficient kept
+    values, ``k > d``) fall back to Householder QR.
+    """
+    n, k, d = x.shape
+    if k == 0:
+        return x
+    valid = torch.arange(k, device=x.device)[None, :] < kept[:, None]
+    x64 = x.double()
+    a = x64 @ x64.mT
+    a = a + torch.diag_embed((~valid).to(a.dtype))
+    chol, info = torch.linalg.cholesky_ex(a)
+    qt = torch.linalg.solve_triangular(chol.float(), x, upper=False)
+    bad = (info != 0) | ~torch.isfinite(qt).all(dim=(1, 2))
+    if bool(bad.any()):
+        qt = qt.clone()
+        qt[bad] = _householder_basis(x[bad], kept[bad])
+    return qt * valid[..., None]
+
+
+def _householder_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``Q^T`` ``[N, k, d]`` from ``torch.linalg.qr(X^T)``, columns beyond ``kept`` zeroed (the exact path)."""
+    n, k, d = x.shape
+    q = torch.linalg.qr(x.mT).Q  # [N, d, min(d, k)]
+    q = q * (torch.arange(q.shape[-1], device=x.device)[None, :] < kept[:, None])[:, None, :]
+    qt = x.new_zeros(n, k, d)
+    qt[:, : q.shape[-1]] = q.mT
+    return qt
+
+
+# -------------------------------------------------------------------------------------- top-p directions
+def _start_block(d: int, width: int, seed: int, device, dtype) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(d, width, generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(z).Q.to(device=device, dtype=dtype)
+
+
+def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> torch.Tensor:
+    """Top-``p`` eigenvectors of symmetric ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
+
+    Orthogonal (subspace) iteration of width ``p + oversample`` from a fixed seeded start block, re-orthonormalised
+    every ``orth_every`` steps, then Rayleigh-Ritz (METHODS.md §3 fast path), all problems in one batch.
+    """
+    n, d, _ = gram.shape
+    width = min(d, p + cfg.oversample)
+    z = _start_block(d, width, cfg.seed, gram.device, gram.dtype).expand(n, d, width)
+    scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    g = gram / scale[:, None, None]  # trace-normalised: keeps the iterates in range
+    for i in range(cfg.iterations):
+        z = g @ z
+        if (i + 1) % cfg.orth_every == 0 or i + 1 == cfg.iterations:
+            z = torch.linalg.qr(z).Q
+    t = z.mT @ (g @ z)
+    _, u = torch.linalg.eigh(0.5 * (t + t.mT))
+    return (z @ u[..., -p:]).mT
+
+
+def top_directions_eigh(gram: torch.Tensor, p: int) -> torch.Tensor:
+    """Top-``p`` eigenvectors of ``gram`` ``[N, d, d]`` from one batched ``torch.linalg.eigh``: ``[N, p, d]``."""
+    _, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
+    return u[..., -p:].mT
+
+
+# ------------------------------------------------------------------------------------------ the solvers
+def _solve_exact(x, qt, y, w_hat_d, cfg):
+    """Batched QR + SVD path: returns (r, C or None, ||R||_F, ||Y||_F) per problem."""
+    r_mat = y - (y @ qt.mT) @ qt if cfg.project else y
+    r = torch.einsum("nj,njd->nd", w_hat_d, r_mat)
+    c = None
+    if not _use_all_components(cfg, y.shape[-1]) and y.shape[1] > 0:
+        vh = torch.linalg.svd(r_mat, full_matrices=False).Vh
+        c = vh[:, : cfg.rank]
+    return r, c, torch.linalg.matrix_norm(r_mat), torch.linalg.matrix_norm(y)
+
+
+def _solve_gram(qt, s, y_bar, cfg):
+    """Gram path: ``G = P S P`` with ``P = I - Q Q^T``; returns (r, C or None, ||R||_F, ||Y||_F)."""
+    if cfg.project:
+        m = s @ qt.mT  # S Q         [N, d, k]
+        t = qt @ m  # Q^T S Q         [N, k, k]
+        f = (m - 0.5 * (qt.mT @ t)) @ qt  # (S Q - Q T / 2) Q^T
+        g = s - f - f.mT
+        r = y_bar - torch.einsum("nkd,nk->nd", qt, torch.einsum("nkd,nd->nk", qt, y_bar))
+    else:
+        g, r = s, y_bar
+    g = 0.5 * (g + g.mT)
+    r_norm = g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+    y_norm = s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+    c = None
+    if not _use_all_components(cfg, s.shape[-1]):
+        if cfg.solver == "eigh":
+            c = top_directions_eigh(g, cfg.rank)
+        else:
+            c = top_directions_subspace(g, cfg.rank, cfg)
+    return r, c, r_norm, y_norm
+
+
+def _evicted_gram(values: list[torch.Tensor], evict: torch.Tensor, w_hat: torch.Tensor, prompt: torch.Tensor):
+    """Per layer ``S = Y^T Y`` and ``y_bar = Y^T w_hat`` over the prompt span, without gathering ``Y``."""
+    cols = prompt.any(dim=0).nonzero()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    grams, bars = [], []
+    for i, v in enumerate(values):
+        vp = v[:, :, lo:hi].float()  # [B, H, Tp, d]
+        m = evict[i, :, :, lo:hi].to(vp.dtype)
+        grams.append((vp * m[..., None]).mT @ vp)
+        bars.append(torch.einsum("bhtd,bht->bhd", vp, w_hat[i, :, :, lo:hi]))
+    return torch.stack(grams), torch.stack(bars)
+
+
+# ---------------------------------------------------------------------------------------------- public
+def orthogonal_backfill(
+    memory: KVState, selection: Selection, scores: torch.Tensor, config: BackfillConfig
+) -> BackfillResult:
+    """Solve every (layer, item, KV head) OBF problem of a selection at once (no loop over heads or items).
+
+    ``scores`` ``[L, B, H_kv, T]`` are the selection scores, used as the weights ``w``. Returns the shifts to add
+    to the kept prompt values; :func:`apply_backfill` writes them into the evicted memory.
+    """
+    L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
+    t = memory.num_tokens
+    keep = selection.keep.expand(L, b, h, t)
+    evict = selection.prompt[None, :, None, :] & ~keep
+    scores = scores.float()
+    k_max = int(selection.kept.max()) if b else 0
+    n_evict = evict.sum(dim=-1)  # [L, B, H]
+    n_max = int(n_evict.max()) if n_evict.numel() else 0
+    w_hat = _weights_hat(scores, evict, config.aggregate)
+
+    kept_idx = _masked_order(keep, k_max)  # [L, B, H, k]
+    x = _gather_rows(memory.values, kept_idx).reshape(-1, k_max, d)
+    kept_n = selection.kept[None, :, None].expand(L, b, h).reshape(-1)
+    kept_valid = torch.arange(k_max, device=memory.device)[None, :] < kept_n[:, None]
+    x = x * kept_valid[..., None]
+    w_kept = scores.gather(-1, kept_idx).reshape(-1, k_max) * kept_valid
+
+    if n_max == 0:
+        zero = torch.zeros(L * b * h, device=memory.device)
+        r, c, r_norm, y_norm = torch.zeros(L * b * h, d, device=memory.device), None, zero, zero
+    elif config.solver == "exact":
+        qt = _householder_basis(x, kept_n)
+        ev_idx = _masked_order(evict, n_max)
+        y = _gather_rows(memory.values, ev_idx).reshape(-1, n_max, d)
+        wd = w_hat.gather(-1, ev_idx).reshape(-1, n_max)
+        y = y * (torch.arange(n_max, device=y.device)[None, :] < n_evict.reshape(-1, 1))[..., None]
+        r, c, r_norm, y_norm = _solve_exact(x, qt, y, wd, config)
+    else:
+        qt = kept_basis(x, kept_n)
+        s, y_bar = _evicted_gram(memory.values, evict, w_hat, selection.prompt)
+        r, c, r_norm, y_norm = _solve_gram(qt, s.reshape(-1, d, d), y_bar.reshape(-1, d), config)
+
+    delta = _restrict(r, c)
+    a_d = torch.where(evict, scores, torch.zeros_like(scores)).sum(-1).reshape(-1)
+    a_s = w_kept.sum(-1)
+    alpha = _alpha(a_d, a_s, config)
+    applied = (n_evict.reshape(-1) > 0) & (y_norm > 0) & (r_norm > config.residual_tol * y_norm)
+    shift = torch.where(applied[:, None], alpha[:, None] * delta, torch.zeros_like(delta))
+    if config.inject == "attention":
+        rel = w_kept * kept_n[:, None].to(w_kept.dtype) / a_s.clamp_min(torch.finfo(a_s.dtype).tiny)[:, None]
+        token_scale = torch.where(a_s[:, None] > 0, rel, torch.ones_like(rel)) * kept_valid
+    else:
+        token_scale = kept_valid.to(torch.float32)
+    return BackfillResult(
+        shift=shift.reshape(L, b, h, d),
+        token_scale=token_scale.reshape(L, b, h, k_max),
+        residual_norm=r_norm.reshape(L, b, h),
+        evicted_norm=y_norm.reshape(L, b, h),
+        applied=applied.reshape(L, b, h),
+    )
+
+
+def apply_backfill(gathered: Gathered, result: BackfillResult) -> KVState:
+    """Add the shifts to the kept prompt values of the evicted memory; every other element is left bit-identical."""
+    mem = gathered.memory
+    slots, valid = gathered.prompt_slots, gathered.prompt_slots_valid
+    b, k = slots.shape
+    if k == 0:
+        return mem
+    t_out, h, d = mem.num_tokens, mem.num_kv_heads, mem.head_dim
+    touched = torch.zeros(b, t_out, dtype=torch.bool, device=mem.device)
+    touched.scatter_(1, slots, valid)
+    touched = touched[:, None, :, None]
+    idx = slots[:, None, :, None].expand(b, h, k, d)
+    values = []
+    for i, v in enumerate(mem.values):
+        add = result.shift[i][:, :, None, :] * result.token_scale[i][..., None]  # [B, H, k, d]
+        full = torch.zeros(b, h, t_out, d, dtype=torch.float32, device=v.device).scatter_add_(2, idx, add)
+        values.append(torch.where(touched, (v.float() + full).to(v.dtype), v))
+    return replace(mem, values=values)
+
+
+def backfill_reference_loop(
+    memory: KVState, selection: Selection, scores: torch.Tensor, config: BackfillConfig = BackfillConfig()
+) -> torch.Tensor:
+    """Faithful per-(item, layer, head) loop as in the paper's code (QR + SVD per head): ``shift [L, B, H, d]``.
+
+    Slow on purpose; the plain-torch reference the batched solvers are tested and benchmarked against.
+    """
+    L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
+    shift = torch.zeros(L, b, h, d)
+    keep_all = selection.keep.expand(L, b, h, memory.num_tokens)
+    for bi in range(b):
+        prompt = selection.prompt[bi]
+        for li in range(L):
+            for hi in range(h):
+                keep = keep_all[li, bi, hi]
+                evict = prompt & ~keep
+                if not bool(evict.any()):
+                    continue
+                v = memory.values[li][bi, hi].float()
+                w = scores[li, bi, hi].float()
+                x, y = v[keep], v[evict]
+                q = torch.linalg.qr(x.T).Q
+                r_mat = y - y @ q @ q.T if config.project else y
+                if float(torch.linalg.norm(r_mat)) <= config.residual_tol * float(torch.linalg.norm(y)):
+                    continue
+                w_d = w[evict].clamp_min(0)
+                if config.aggregate == "mean" or float(w_d.sum()) <= 0:
+                    w_hat = torch.full_like(w_d, 1.0 / w_d.numel())
+                else:
+                    w_hat = w_d / w_d.sum()
+                r = w_hat @ r_mat
+                if _use_all_components(config, d):
+                    delta = r
+                else:
+                    vh = torch.linalg.svd(r_mat, full_matrices=False).Vh
+                    c = vh[: config.rank]
+                    delta = (r @ c.T) @ c
+                a_d, a_s = w[evict].sum(), w[keep].sum()
+                alpha = _alpha(a_d[None], a_s[None], config)[0]
+                shift[li, bi, hi] = alpha * delta
+    return shift

@@ -1,0 +1,187 @@
+"""Prompt-state eviction at a relay boundary (the Orthogonal Backfill paper's selectors, arXiv 2604.13349).
+
+Only the *current* agent's prompt region is evicted: slots whose segment is PROMPT and whose owner is the
+observing agent. The attention sink, history (other agents' regions, decoded text) and the latent thoughts
+always pass; padding is never selected. Every head of an item keeps exactly ``min(budget, prompt tokens of
+that item)`` prompt tokens, so tensors stay rectangular; items that differ are right-padded with PAD slots.
+
+Survivors keep their original positions. Kept slots stay in their original order; the kept prompt tokens sit
+where the prompt region started, so for the usual contiguous prompt the order is exactly the original one and
+every output slot has one segment and one owner across heads (what :class:`~relay.memory.KVState` requires).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from relay.memory import KVState, Segment
+from relay.observation import Observation
+
+
+def current_agent_index(memory: KVState, observation: Observation | None) -> int:
+    """Owner index of the agent whose prompt is evicted (-1 if it owns nothing in this memory).
+
+    With an observation it is ``observation.agent``; without one, the owner of the last real slot of item 0
+    (the agent that just wrote its thoughts).
+    """
+    if observation is not None:
+        return memory.agents.index(observation.agent) if observation.agent in memory.agents else -1
+    valid = memory.valid[0].nonzero()
+    if valid.numel() == 0:
+        return -1
+    return int(memory.agent[0, int(valid[-1])])
+
+
+def prompt_mask(memory: KVState, agent_index: int) -> torch.Tensor:
+    """Bool ``[B, T]``: the current agent's prompt slots (the only evictable region)."""
+    if agent_index < 0:
+        return torch.zeros_like(memory.segment, dtype=torch.bool)
+    return (memory.segment == Segment.PROMPT) & (memory.agent.long() == agent_index)
+
+
+@dataclass
+class Selection:
+    """Which prompt slots survive, on the original slot layout.
+
+    ``keep`` is bool ``[L', B, H', T]`` with ``L'`` in ``{1, L}`` and ``H'`` in ``{1, H_kv}`` (broadcast over the
+    missing axes): the kept prompt slots of each (layer, item, head). ``prompt`` is the evictable region
+    ``[B, T]``; ``kept`` is the number of prompt tokens each head of an item keeps, ``[B]``.
+    """
+
+    keep: torch.Tensor
+    prompt: torch.Tensor
+    kept: torch.Tensor
+
+    @property
+    def evict(self) -> torch.Tensor:
+        """Bool ``[L', B, H', T]``: the evicted prompt slots."""
+        return self.prompt[None, :, None, :] & ~self.keep
+
+    @property
+    def prompt_tokens(self) -> torch.Tensor:
+        return self.prompt.sum(dim=1)
+
+    @property
+    def retained_fraction(self) -> float:
+        total = int(self.prompt_tokens.sum())
+        return 1.0 if total == 0 else float(self.kept.sum()) / total
+
+
+def _keep_top(scores: torch.Tensor, prompt: torch.Tensor, budget: int) -> Selection:
+    """Top-``budget`` prompt slots along the last axis of ``scores`` ``[L', B, H', T]``."""
+    if budget < 1:
+        raise ValueError(f"budget must be a positive number of tokens, got {budget}")
+    n_prompt = prompt.sum(dim=1)
+    kept = n_prompt.clamp(max=budget)
+    k_max = int(kept.max()) if kept.numel() else 0
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k_max > 0:
+        finite = torch.nan_to_num(scores.float(), nan=-3e38, posinf=3e38, neginf=-3e38)
+        masked = torch.where(prompt[None, :, None, :], finite, torch.full_like(finite, float("-inf")))
+        top = masked.topk(k_max, dim=-1).indices
+        rank_ok = torch.arange(k_max, device=scores.device)[None, None, None, :] < kept[None, :, None, None]
+        keep.scatter_(-1, top, rank_ok.expand_as(top))
+    return Selection(keep=keep, prompt=prompt, kept=kept)
+
+
+def select_headwise(scores: torch.Tensor, prompt: torch.Tensor, budget: int) -> Selection:
+    """H: per (layer, KV head) keep the top-``budget`` prompt tokens by score (arXiv 2604.13349)."""
+    return _keep_top(scores, prompt, budget)
+
+
+def select_layerwise(scores: torch.Tensor, prompt: torch.Tensor, budget: int) -> Selection:
+    """L: per layer keep one top-``budget`` set shared by all KV heads, ranked by the head-summed score
+    (arXiv 2604.13349)."""
+    return _keep_top(scores.sum(dim=2, keepdim=True), prompt, budget)
+
+
+def select_generation_only(prompt: torch.Tensor) -> Selection:
+    """Gen: drop the whole current prompt region; sink, history and thoughts pass (arXiv 2604.13349)."""
+    b, t = prompt.shape
+    keep = torch.zeros(1, b, 1, t, dtype=torch.bool, device=prompt.device)
+    return Selection(keep=keep, prompt=prompt, kept=torch.zeros(b, dtype=torch.long, device=prompt.device))
+
+
+@dataclass
+class Gathered:
+    """The evicted memory plus where its kept prompt tokens ended up.
+
+    ``prompt_slots`` ``[B, k_max]`` are output slot indices of the kept prompt tokens (in their original order,
+    the same for every layer and head), valid where ``prompt_slots_valid``.
+    """
+
+    memory: KVState
+    prompt_slots: torch.Tensor
+    prompt_slots_valid: torch.Tensor
+
+
+def _first_prompt_slot(prompt: torch.Tensor) -> torch.Tensor:
+    t = prompt.shape[1]
+    first = prompt.to(torch.int8).argmax(dim=1)
+    return torch.where(prompt.any(dim=1), first, torch.full_like(first, t))
+
+
+def survivor_order(memory: KVState, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot indices of the survivors ``[L', B, H', T_out]`` (original order) and ``slot_valid [B, T_out]``."""
+    b, t = memory.segment.shape
+    dev = memory.device
+    ar = torch.arange(t, device=dev)
+    prompt = selection.prompt
+    other = memory.valid & ~prompt
+    first = _first_prompt_slot(prompt)
+    # Sort key: other slots before the prompt region, kept prompt tokens, other slots after it, dropped.
+    group = torch.where(ar[None, :] < first[:, None], 0, 2)
+    group = torch.where(other, group, torch.full_like(group, 3))
+    group = torch.where(selection.keep, torch.ones_like(group), group[None, :, None, :])
+    order = (group * t + ar).argsort(dim=-1, stable=True)
+    count = other.sum(dim=1) + selection.kept
+    t_out = int(count.max()) if b else 0
+    slot_valid = torch.arange(t_out, device=dev)[None, :] < count[:, None]
+    return order[..., :t_out], slot_valid
+
+
+def gather_selection(memory: KVState, selection: Selection) -> Gathered:
+    """Physically evict: gather the survivors of every layer and head (one ``torch.gather`` per layer)."""
+    order, slot_valid = survivor_order(memory, selection)
+    b, t_out = slot_valid.shape
+    h, d = memory.num_kv_heads, memory.head_dim
+    per_layer = order.shape[0] > 1
+    keys, values = [], []
+    for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
+        idx = order[i if per_layer else 0].expand(b, h, t_out)
+        idx4 = idx[..., None].expand(b, h, t_out, d)
+        mask = slot_valid[:, None, :, None]
+        keys.append(torch.where(mask, k.gather(2, idx4), torch.zeros((), dtype=k.dtype, device=k.device)))
+        values.append(torch.where(mask, v.gather(2, idx4), torch.zeros((), dtype=v.dtype, device=v.device)))
+    slot_idx = order[0, :, 0]  # segment/owner are the same across layers and heads by construction
+    segment = torch.where(slot_valid, memory.segment.gather(1, slot_idx), torch.zeros((), dtype=torch.int8))
+    agent = torch.where(slot_valid, memory.agent.gather(1, slot_idx), torch.full((), -1, dtype=torch.int16))
+    shared = order.shape[0] == 1 and order.shape[2] == 1
+    if shared and not memory.per_head_positions:
+        position = memory.position.gather(1, slot_idx)
+        position = torch.where(slot_valid, position, torch.zeros_like(position))
+    else:
+        full_idx = order.expand(memory.num_layers, b, h, t_out)
+        position = memory.position_full().gather(-1, full_idx)
+        position = torch.where(slot_valid[None, :, None, :], position, torch.zeros_like(position))
+    out = KVState(
+        keys=keys,
+        values=values,
+        segment=segment.to(torch.int8),
+        agent=agent.to(torch.int16),
+        position=position,
+        agents=list(memory.agents),
+        fingerprint=memory.fingerprint,
+    )
+    # Kept prompt tokens sit right after the "other" slots that precede the prompt region.
+    first = _first_prompt_slot(selection.prompt)
+    ar = torch.arange(memory.num_tokens, device=memory.device)
+    start = ((memory.valid & ~selection.prompt) & (ar[None, :] < first[:, None])).sum(dim=1)
+    k_max = int(selection.kept.max()) if b else 0
+    ark = torch.arange(k_max, device=memory.device)
+    prompt_slots = start[:, None] + ark[None, :]
+    prompt_valid = ark[None, :] < selection.kept[:, None]
+    prompt_slots = torch.where(prompt_valid, prompt_slots, torch.zeros_like(prompt_slots))
+    return Gathered(memory=out, prompt_slots=prompt_slots, prompt_slots_valid=prompt_valid)
