@@ -78,6 +78,7 @@ class ModelRunner:
         memory = self._stack(memories)
         self._check_length(memory, prompts, thoughts, decode)
         memory, idx = memory.agent_index(agent)
+        cache = memory.to_cache()  # grown in place by every forward below; the memory's tensors track it
 
         # 1. prefill the role prompt on top of the received memory
         ids, valid = self._left_pad(prompts)
@@ -87,7 +88,7 @@ class ModelRunner:
             lengths = valid.sum(1, keepdim=True)
             rank = valid.cumsum(1) - 1
             segment = torch.where(valid & (rank < torch.clamp(lengths, max=SINK_TOKENS)), int(Segment.SINK), segment)
-        memory, hidden, _ = self._forward(memory, self.embed(ids), valid, segment, idx)
+        memory, hidden, _ = self._forward(memory, cache, self.embed(ids), valid, segment, idx)
         logits = self.lm_head(hidden)
 
         # 2. latent thoughts: feed a continuous embedding back, record where each thought looked
@@ -99,7 +100,7 @@ class ModelRunner:
                     embedding = self.latent.next_embedding(hidden, logits, self.embed.weight, self.lm_head.weight)
                     ones = torch.ones(memory.batch_size, 1, dtype=torch.bool, device=self.device)
                     thought = torch.full_like(ones, int(Segment.THOUGHT), dtype=torch.long)
-                    memory, hidden, attn = self._forward(memory, embedding[:, None], ones, thought, idx, observe)
+                    memory, hidden, attn = self._forward(memory, cache, embedding[:, None], ones, thought, idx, observe)
                     logits = self.lm_head(hidden)
                     rows.append(attn)
             if observe:
@@ -108,14 +109,15 @@ class ModelRunner:
         # 3. the final agent (or a text-relay agent) decodes text
         texts, counts = None, [0] * memory.batch_size
         if decode is not None:
-            memory, texts, counts = self._decode(memory, logits, decode, idx)
+            memory, texts, counts = self._decode(memory, cache, logits, decode, idx)
 
         items, observations = split_memory(memory, observation)
         return AgentOutput(items, observations, texts, counts)
 
     # -------------------------------------------------------------- pieces
-    def _forward(self, memory, embeds, valid, segment, agent_idx, observe=False):
-        """One forward of new positions on ``memory``; returns the grown memory and the last hidden state."""
+    def _forward(self, memory, cache, embeds, valid, segment, agent_idx, observe=False):
+        """One forward of new positions on ``memory`` (whose tensors live in ``cache``); returns the grown memory,
+        the last hidden state and, when observing, the new position's attention rows ``[B, L, H_kv, T]``."""
         b, q = valid.shape
         start = memory.next_position().to(self.device)
         offset = (valid.cumsum(1) - 1).clamp(min=0)
@@ -126,7 +128,6 @@ class ModelRunner:
         allowed[:, :, memory.num_tokens :] &= causal
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
-        cache = memory.to_cache()
         out = self.decoder(
             inputs_embeds=embeds.to(self.dtype),
             attention_mask=mask,
@@ -154,7 +155,7 @@ class ModelRunner:
         padded = [torch.nn.functional.pad(r, (0, num_tokens - r.shape[-1])) for r in rows]
         return Observation(torch.stack(padded, dim=3), agent, self.group_size)
 
-    def _decode(self, memory, logits, config: DecodeConfig, agent_idx):
+    def _decode(self, memory, cache, logits, config: DecodeConfig, agent_idx):
         picker = TokenPicker(config, self.tokenizer, memory.batch_size, self._eos_ids())
         alive = torch.ones(memory.batch_size, dtype=torch.bool, device=self.device)
         for _ in range(config.max_new_tokens):
@@ -163,7 +164,7 @@ class ModelRunner:
             if not bool(alive.any()):
                 break
             text = torch.full((memory.batch_size, 1), int(Segment.TEXT), device=self.device)
-            memory, hidden, _ = self._forward(memory, self.embed(token[:, None]), alive[:, None], text, agent_idx)
+            memory, hidden, _ = self._forward(memory, cache, self.embed(token[:, None]), alive[:, None], text, agent_idx)
             logits = self.lm_head(hidden)
         return memory, picker.texts(), picker.counts()
 
