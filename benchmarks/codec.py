@@ -1,0 +1,178 @@
+"""Wire codec throughput and the serialization share of a relay hop (issue 4).
+
+``python -m benchmarks.codec [--repeats N] [--quick]``
+
+1. Encode and decode throughput of :mod:`relay.wire` for raw, zstd-1 and zstd-3 payloads, next to a plain
+   memory copy of the same bytes (``bytes(memoryview)`` and ``torch.cat`` + ``clone`` of the tensors), in GB/s
+   of cache bytes (medians over repeats). Encode = one copy into the packet + the BLAKE2b tree checksum;
+   decode = checksum check + zero-copy ``torch.frombuffer`` views (raw) or inflate + views (zstd).
+2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode, and
+   the share of the hop spent serializing.
+
+Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
+and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 4, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from relay import wire
+from relay.memory import KVState, Segment
+from relay.messages import LatentMessage
+from relay.observation import Observation
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    heads: int
+    head_dim: int
+    tokens: int
+    batch: int
+    query_heads: int
+    thoughts: int = 40
+
+
+SHAPES = [
+    Shape("Qwen2.5-0.5B", 24, 2, 64, 600, 4, 14),
+    Shape("Qwen3-4B", 36, 8, 128, 540, 4, 32),
+]
+
+
+def make_cache(s: Shape, seed: int = 0) -> tuple[KVState, Observation]:
+    """A random cache: sink (4) + the planner's prompt + its latent thoughts, with a matching observation."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (s.batch, s.heads, s.tokens, s.head_dim)
+    keys = [torch.randn(shape, generator=g) for _ in range(s.layers)]
+    values = [torch.randn(shape, generator=g) for _ in range(s.layers)]
+    segment = torch.full((s.batch, s.tokens), int(Segment.PROMPT), dtype=torch.int8)
+    segment[:, :4] = Segment.SINK
+    segment[:, -s.thoughts :] = Segment.THOUGHT
+    memory = KVState(
+        keys=keys,
+        values=values,
+        segment=segment,
+        agent=torch.zeros(s.batch, s.tokens, dtype=torch.int16),
+        position=torch.arange(s.tokens).expand(s.batch, -1).clone(),
+        agents=["planner"],
+        fingerprint=f"bench/{s.name}",
+    )
+    logits = torch.randn(s.batch, s.layers, s.heads, s.thoughts, s.tokens, generator=g)
+    attention = torch.softmax(logits, dim=-1)
+    return memory, Observation(attention, "planner", s.query_heads // s.heads)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def codec_rows(memory: KVState, repeats: int) -> list[tuple[str, float, float, float, float]]:
+    """(mode, encode s, decode s, packet bytes, logical bytes) per mode, plus the memory-copy baselines."""
+    logical = memory.nbytes
+    message = LatentMessage("planner", memory, "")
+    rows = []
+    raw_packet = wire.encode(message)
+    view = memoryview(raw_packet)
+    copy_s = median_seconds(lambda: bytes(view), repeats)
+    rows.append(("memcpy bytes(memoryview)", copy_s, 0.0, len(raw_packet), logical))
+    view.release()
+    clone_s = median_seconds(lambda: [t.clone() for t in (*memory.keys, *memory.values)], repeats)
+    rows.append(("memcpy tensor.clone", clone_s, 0.0, logical, logical))
+    del raw_packet
+    for label, level in (("raw", None), ("zstd-1", 1), ("zstd-3", 3)):
+        packet = wire.encode(message, zstd_level=level)
+        enc = median_seconds(lambda level=level: wire.encode(message, zstd_level=level), repeats)
+        dec = median_seconds(lambda packet=packet: wire.decode(packet), repeats)
+        rows.append((label, enc, dec, len(packet), logical))
+        del packet
+    return rows
+
+
+def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
+    """(recipe, compress s, encode s, decode s, packet bytes) of one relay hop, or (recipe, error)."""
+    from compression import compress
+
+    rows: list[tuple] = []
+    for recipe in ("h-obf:budget=32,rank=2", "h-obf:budget=32,rank=2+int8"):
+        try:
+            packed, _ = compress(memory, observation, recipe)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the codec
+            rows.append((recipe, f"{type(e).__name__}: {str(e)[:150]}"))
+            continue
+        message = LatentMessage("planner", packed, recipe)
+        comp = median_seconds(
+            lambda recipe=recipe: compress(memory, observation, recipe), max(1, repeats // 2)
+        )
+        packet = wire.encode(message)
+        enc = median_seconds(lambda message=message: wire.encode(message), repeats)
+        dec = median_seconds(lambda packet=packet: wire.decode(packet).unpacked(), repeats)
+        rows.append((recipe, comp, enc, dec, len(packet)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="only the Qwen2.5-0.5B-shaped cache")
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
+        f"medians of {args.repeats} repeats; GB = 1e9 bytes of fp32 cache"
+    )
+    for shape in SHAPES[:1] if args.quick else SHAPES:
+        memory, observation = make_cache(shape)
+        gb = memory.nbytes / 1e9
+        print(
+            f"\n{shape.name}-shaped cache: {shape.layers} layers x {shape.heads} KV heads x "
+            f"{shape.head_dim}, {shape.tokens} tokens, batch {shape.batch}, fp32 = {gb * 1e3:.1f} MB"
+        )
+        rows = codec_rows(memory, args.repeats)
+        copy_rate = gb / rows[0][1]
+        print(
+            f"{'mode':<26}{'packet MB':>10}{'ratio':>7}{'encode GB/s':>13}{'decode GB/s':>13}"
+            f"{'enc+dec GB/s':>14}{'vs memcpy':>11}"
+        )
+        for mode, enc, dec, size, logical in rows:
+            both = gb / (enc + dec)
+            dec_s = f"{gb / dec:>13.2f}" if dec else f"{'-':>13}"
+            print(
+                f"{mode:<26}{size / 1e6:>10.1f}{logical / size:>7.2f}{gb / enc:>13.2f}{dec_s}{both:>14.2f}"
+                f"{both / copy_rate:>10.0%}"
+            )
+        print(
+            f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'packet MB':>10}"
+            f"{'serialization share':>21}"
+        )
+        try:
+            hops = hop_rows(memory, observation, args.repeats)
+        except ImportError as e:
+            hops = [("(any)", f"compression.compress unavailable: {e}")]
+        for row in hops:
+            if len(row) == 2:
+                print(
+                    f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec"
+                )
+                print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
+                continue
+            recipe, comp, enc, dec, size = row
+            share = (enc + dec) / (comp + enc + dec)
+            print(f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}")
+        del memory, observation
+
+
+if __name__ == "__main__":
+    main()
