@@ -47,12 +47,14 @@ class Selection:
 
     ``keep`` is bool ``[L', B, H', T]`` with ``L'`` in ``{1, L}`` and ``H'`` in ``{1, H_kv}`` (broadcast over the
     missing axes): the kept prompt slots of each (layer, item, head). ``prompt`` is the evictable region
-    ``[B, T]``; ``kept`` is the number of prompt tokens each head of an item keeps, ``[B]``.
+    ``[B, T]``; ``kept`` is the number of prompt tokens each head of an item keeps, ``[B]``. Headwise and
+    layerwise selections give per-head positions ``[L, B, H_kv, T]``; a ``shared`` one keeps ``[B, T]``.
     """
 
     keep: torch.Tensor
     prompt: torch.Tensor
     kept: torch.Tensor
+    shared: bool = False  # one token set for all layers and heads (positions may stay [B, T])
 
     @property
     def evict(self) -> torch.Tensor:
@@ -101,7 +103,8 @@ def select_generation_only(prompt: torch.Tensor) -> Selection:
     """Gen: drop the whole current prompt region; sink, history and thoughts pass (arXiv 2604.13349)."""
     b, t = prompt.shape
     keep = torch.zeros(1, b, 1, t, dtype=torch.bool, device=prompt.device)
-    return Selection(keep=keep, prompt=prompt, kept=torch.zeros(b, dtype=torch.long, device=prompt.device))
+    kept = torch.zeros(b, dtype=torch.long, device=prompt.device)
+    return Selection(keep=keep, prompt=prompt, kept=kept, shared=True)
 
 
 @dataclass
@@ -118,7 +121,9 @@ class Gathered:
 
 
 def _first_prompt_slot(prompt: torch.Tensor) -> torch.Tensor:
-    t = prompt.shape[1]
+    b, t = prompt.shape
+    if t == 0:
+        return torch.zeros(b, dtype=torch.long, device=prompt.device)
     first = prompt.to(torch.int8).argmax(dim=1)
     return torch.where(prompt.any(dim=1), first, torch.full_like(first, t))
 
@@ -134,7 +139,7 @@ def survivor_order(memory: KVState, selection: Selection) -> tuple[torch.Tensor,
     # Sort key: other slots before the prompt region, kept prompt tokens, other slots after it, dropped.
     group = torch.where(ar[None, :] < first[:, None], 0, 2)
     group = torch.where(other, group, torch.full_like(group, 3))
-    group = torch.where(selection.keep, torch.ones_like(group), group[None, :, None, :])
+    group = torch.where(selection.keep, torch.ones((), dtype=group.dtype, device=dev), group[None, :, None, :])
     order = (group * t + ar).argsort(dim=-1, stable=True)
     count = other.sum(dim=1) + selection.kept
     t_out = int(count.max()) if b else 0
@@ -158,8 +163,7 @@ def gather_selection(memory: KVState, selection: Selection) -> Gathered:
     slot_idx = order[0, :, 0]  # segment/owner are the same across layers and heads by construction
     segment = torch.where(slot_valid, memory.segment.gather(1, slot_idx), torch.zeros((), dtype=torch.int8))
     agent = torch.where(slot_valid, memory.agent.gather(1, slot_idx), torch.full((), -1, dtype=torch.int16))
-    shared = order.shape[0] == 1 and order.shape[2] == 1
-    if shared and not memory.per_head_positions:
+    if selection.shared and not memory.per_head_positions:
         position = memory.position.gather(1, slot_idx)
         position = torch.where(slot_valid, position, torch.zeros_like(position))
     else:
