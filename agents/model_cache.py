@@ -81,11 +81,27 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
             build(staging)
             if not is_complete(staging):
                 raise RuntimeError(f"builder for {final} did not write {COMPLETE_MARKER}")
+            _share_like_umask(staging)
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return final
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _share_like_umask(folder: Path) -> None:
+    """Give a folder made by `mkdtemp` (0700) and its files the permissions a plain mkdir/open would."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -95,6 +111,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -131,10 +131,13 @@ def _load_converted(
     fingerprint = marker.get("fingerprints", {}).get(_dtype_name(dtype))
     if fingerprint is None:
         fingerprint = model_fingerprint(model, tokenizer)
-        with file_lock(folder.parent / f"{folder.name}.lock"):
-            marker = _read_json(marker_path)
-            marker.setdefault("fingerprints", {})[_dtype_name(dtype)] = fingerprint
-            write_json_atomic(marker_path, marker)
+        try:  # remember it for the next load in this dtype; a read-only cache just recomputes
+            with file_lock(folder.parent / f"{folder.name}.lock"):
+                marker = _read_json(marker_path)
+                marker.setdefault("fingerprints", {})[_dtype_name(dtype)] = fingerprint
+                write_json_atomic(marker_path, marker)
+        except OSError as exc:
+            log(f"could not record the {_dtype_name(dtype)} fingerprint in {marker_path}: {exc}")
     sha = marker.get("source_sha256")
     return _loaded(name, model, tokenizer, fingerprint, str(folder), source_sha256=sha)
 
@@ -197,8 +200,9 @@ def _resolve_hub_or_folder(
             local_only=local_only,
             attn_implementation=attn_implementation,
         )
-    except OSError as exc:
-        hint = "" if allow_download else " (not in the local Hugging Face cache; downloads are off)"
+    except (OSError, ValueError) as exc:  # missing files, or a folder transformers cannot read
+        offline = not allow_download and not looks_like_path
+        hint = " (not in the local Hugging Face cache; downloads are off)" if offline else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _unknown_reference(ref, f"could not load it{hint}: {first_line}") from exc
     fingerprint = model_fingerprint(model, tokenizer)
@@ -270,10 +274,9 @@ def tiny_model(
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     fingerprint = model_fingerprint(model, None)
     return _loaded(f"tiny-{arch}-seed{seed}", model, None, fingerprint, "random", arch=arch, seed=seed)

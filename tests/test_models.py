@@ -219,6 +219,25 @@ def test_local_folder_reference_and_fingerprint_stability(tmp_path, isolated_cac
         resolve_model(str(one), dtype="float13")
 
 
+def test_converted_folder_records_and_reuses_fingerprints_per_dtype(tmp_path, monkeypatch):
+    folder = tmp_path / "converted"
+    _save_tiny_with_tokenizer(folder)
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"source_sha256": "ab" * 32, "fingerprints": {}}))
+    options = {"device": "cpu", "attn_implementation": None}
+    fp32 = models._load_converted(folder, "toy", dtype=torch.float32, **options)
+    bf16 = models._load_converted(folder, "toy", dtype=torch.bfloat16, **options)
+    recorded = json.loads((folder / COMPLETE_MARKER).read_text())["fingerprints"]
+    assert recorded == {"float32": fp32.fingerprint, "bfloat16": bf16.fingerprint}
+    assert fp32.fingerprint != bf16.fingerprint and fp32.extra["source_sha256"] == "ab" * 32
+
+    def must_not_recompute(*args):
+        raise AssertionError("fingerprint recomputed although it is recorded")
+
+    monkeypatch.setattr(models, "model_fingerprint", must_not_recompute)
+    again = models._load_converted(folder, "toy", dtype=torch.float32, **options)
+    assert again.fingerprint == fp32.fingerprint
+
+
 # --- build once, atomically, under a lock -------------------------------------------------------------------
 
 RACER = textwrap.dedent(
@@ -313,3 +332,7 @@ def test_bundled_smollm2_loads_with_a_stable_fingerprint():
     out = first.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in first.tokenizer.decode(out[0, ids.shape[1]:])
     assert resolve_model("smollm2-135m").fingerprint == first.fingerprint
+    half = resolve_model("smollm2-135m", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.fingerprint != first.fingerprint
+    marker = json.loads((Path(first.source) / COMPLETE_MARKER).read_text())
+    assert marker["fingerprints"]["bfloat16"] == half.fingerprint
