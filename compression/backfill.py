@@ -51,7 +51,8 @@ class BackfillConfig:
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
     ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
-    ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F``.
+    ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the Gram path resolves
+    ``||R||`` only to about ``sqrt(eps_fp32) * ||Y||``, so "~0" means below 1e-3 of the evicted norm).
     """
 
     rank: int | None = 4
@@ -65,7 +66,7 @@ class BackfillConfig:
     orth_every: int = 2
     seed: int = 0
     eps: float = 1e-8
-    residual_tol: float = 1e-5
+    residual_tol: float = 1e-3
 
     def with_ablation(self, name: str) -> BackfillConfig:
         if name not in ABLATIONS:
@@ -152,8 +153,8 @@ def _use_all_components(cfg: BackfillConfig, d: int) -> bool:
 def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the kept span, ``Q^T`` as ``[N, k, d]`` (rows beyond ``kept`` are zero).
 
-    Cholesky QR: ``A = X X^T`` in float64, ``Q^T = L^-1 X``. Problems where ``A`` is singular (rank-deficient kept
-    values, ``k > d``) fall back to Householder QR.
+    Cholesky QR: ``A = X X^T`` in float64, ``Q^T = L^-1 X``. Problems where that basis is not orthonormal to
+    1e-4 (rank-deficient or ill-conditioned kept values, ``k > d``) fall back to Householder QR.
     """
     n, k, d = x.shape
     if k == 0:
@@ -164,7 +165,10 @@ def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     a = a + torch.diag_embed((~valid).to(a.dtype))
     chol, info = torch.linalg.cholesky_ex(a)
     qt = torch.linalg.solve_triangular(chol.float(), x, upper=False)
-    bad = (info != 0) | ~torch.isfinite(qt).all(dim=(1, 2))
+    # ill-conditioned kept values lose orthogonality in fp32: check Q^T Q = I (cheap, k x k) and fall back
+    eye = torch.diag_embed(valid.to(qt.dtype))
+    off = torch.nan_to_num((qt @ qt.mT - eye).abs(), nan=1.0).amax(dim=(1, 2))
+    bad = (info != 0) | (off > 1e-4)
     if bool(bad.any()):
         qt = qt.clone()
         qt[bad] = _householder_basis(x[bad], kept[bad])
@@ -197,8 +201,8 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
     n, d, _ = gram.shape
     width = min(d, p + cfg.oversample)
     z = _start_block(d, width, cfg.seed, gram.device, gram.dtype).expand(n, d, width)
-    scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
-    g = gram / scale[:, None, None]  # trace-normalised: keeps the iterates in range
+    scale = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
+    g = torch.nan_to_num(gram / scale[:, None, None])  # normalised: keeps the iterates in range
     for i in range(cfg.iterations):
         z = g @ z
         if (i + 1) % cfg.orth_every == 0 or i + 1 == cfg.iterations:
@@ -239,6 +243,7 @@ def _solve_gram(qt, s, y_bar, cfg):
     g = 0.5 * (g + g.mT)
     r_norm = g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
     y_norm = s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+    g = torch.where((r_norm > cfg.residual_tol * y_norm)[:, None, None], g, torch.zeros_like(g))
     c = None
     if not _use_all_components(cfg, s.shape[-1]):
         if cfg.solver == "eigh":
@@ -281,28 +286,31 @@ def orthogonal_backfill(
     w_hat = _weights_hat(scores, evict, config.aggregate)
 
     kept_idx = _masked_order(keep, k_max)  # [L, B, H, k]
-    x = _gather_rows(memory.values, kept_idx).reshape(-1, k_max, d)
+    n_prob = L * b * h
+    x = _gather_rows(memory.values, kept_idx).reshape(n_prob, k_max, d)
     kept_n = selection.kept[None, :, None].expand(L, b, h).reshape(-1)
     kept_valid = torch.arange(k_max, device=memory.device)[None, :] < kept_n[:, None]
     x = x * kept_valid[..., None]
-    w_kept = scores.gather(-1, kept_idx).reshape(-1, k_max) * kept_valid
+    w_kept = scores.gather(-1, kept_idx).reshape(n_prob, k_max) * kept_valid
 
-    if n_max == 0:
-        zero = torch.zeros(L * b * h, device=memory.device)
-        r, c, r_norm, y_norm = torch.zeros(L * b * h, d, device=memory.device), None, zero, zero
+    if n_max == 0 or k_max == 0:
+        zero = torch.zeros(n_prob, device=memory.device)
+        r, c, r_norm, y_norm = torch.zeros(n_prob, d, device=memory.device), None, zero, zero
     elif config.solver == "exact":
         qt = _householder_basis(x, kept_n)
         ev_idx = _masked_order(evict, n_max)
-        y = _gather_rows(memory.values, ev_idx).reshape(-1, n_max, d)
-        wd = w_hat.gather(-1, ev_idx).reshape(-1, n_max)
+        y = _gather_rows(memory.values, ev_idx).reshape(n_prob, n_max, d)
+        wd = w_hat.gather(-1, ev_idx).reshape(n_prob, n_max)
         y = y * (torch.arange(n_max, device=y.device)[None, :] < n_evict.reshape(-1, 1))[..., None]
         r, c, r_norm, y_norm = _solve_exact(x, qt, y, wd, config)
     else:
         qt = kept_basis(x, kept_n)
         s, y_bar = _evicted_gram(memory.values, evict, w_hat, selection.prompt)
-        r, c, r_norm, y_norm = _solve_gram(qt, s.reshape(-1, d, d), y_bar.reshape(-1, d), config)
+        r, c, r_norm, y_norm = _solve_gram(qt, s.reshape(n_prob, d, d), y_bar.reshape(n_prob, d), config)
 
     delta = _restrict(r, c)
+    if c is not None:  # at most p evicted rows: C spans the whole row space of R, so delta = r exactly
+        delta = torch.where((n_evict.reshape(-1) <= config.rank)[:, None], r, delta)
     a_d = torch.where(evict, scores, torch.zeros_like(scores)).sum(-1).reshape(-1)
     a_s = w_kept.sum(-1)
     alpha = _alpha(a_d, a_s, config)
