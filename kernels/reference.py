@@ -84,14 +84,18 @@ def quantize_pack_ref(
     zf = zero.float()
     scale = fp16_round_up(torch.clamp_min((mx - zf) / top, 0.0))
     sf = scale.float()
-    sdiv = torch.where(sf > 0, sf, torch.ones_like(sf))
-    q = torch.floor((xf - zf[:, None]) / sdiv[:, None] + 0.5)
-    q = torch.where(sf[:, None] > 0, q, torch.zeros_like(q))
-    q = q.clamp(0, top).to(torch.int32)
+    # a zero scale divides by inf: (x - zero) / inf + 0.5 floors to code 0, like the kernel's explicit where
+    sdiv = torch.where(sf > 0, sf, torch.full_like(sf, float("inf")))
+    q = (xf - zf[:, None]).div_(sdiv[:, None]).add_(0.5).floor_().clamp_(0, top).to(torch.uint8)
+    if per == 1:
+        return q, scale, zero
     width = packed_width(n, bits)
-    q = torch.nn.functional.pad(q, (0, width * per - n)).view(rows, width, per)
-    shifts = torch.arange(per, device=x.device, dtype=torch.int32) * bits
-    packed = (q << shifts).sum(dim=2).to(torch.uint8)
+    if width * per != n:
+        q = torch.nn.functional.pad(q, (0, width * per - n))
+    q = q.view(rows, width, per)
+    packed = q[:, :, 0].clone()
+    for k in range(1, per):
+        packed |= q[:, :, k] << (k * bits)
     return packed, scale, zero
 
 
@@ -102,7 +106,10 @@ def unpack_dequantize_ref(
     check_bits(bits)
     rows, width = packed.shape
     per, top = 8 // bits, qmax(bits)
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    q = (packed.to(torch.int32)[:, :, None] >> shifts) & top
-    q = q.reshape(rows, width * per)[:, :n]
-    return (q.float() * scale.float()[:, None] + zero.float()[:, None]).to(dtype)
+    if per == 1:
+        q = packed
+    else:
+        q = torch.stack([(packed >> (k * bits)) & top for k in range(per)], dim=2).view(rows, width * per)[
+            :, :n
+        ]
+    return q.float().mul_(scale.float()[:, None]).add_(zero.float()[:, None]).to(dtype)

@@ -28,7 +28,8 @@ def assert_within_half_step(x: torch.Tensor, q: QuantizedTensor, real: torch.Ten
     y = dequantize(q)
     assert y.dtype == x.dtype and y.shape == x.shape
     err = (y.float() - x.float()).abs()
-    bound = step_of(q) / 2 + x.float().abs() * EPS[x.dtype] + 1e-6 * (x.float().abs() + step_of(q))
+    half = step_of(q) / 2  # plus the output dtype's rounding of the dequantized value (|y| <= |x| + half)
+    bound = half + (x.float().abs() + half) * EPS[x.dtype] + 1e-6 * (x.float().abs() + half)
     bad = err > bound
     if real is not None:
         bad &= real
