@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,22 +52,28 @@ def convert_gguf(
 ) -> None:
     """Load GGUF weights with transformers (dequantized to float32) and `save_pretrained` them into `staging`.
 
-    `sources` is one GGUF file or its ordered chunks; chunks are concatenated into a temporary file next to
+    `sources` is one GGUF file or its ordered chunks; chunks are concatenated into a temporary file inside
     `staging` that is deleted afterwards. The SHA-256 of the bytes read must equal `source_sha256`.
     Writes `latent_relay.json` (source SHA-256 and fingerprint) last, which marks the folder complete.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix=".gguf-", dir=staging.parent))
+
+    def step(message: str) -> None:
+        log(f"{name}: {message} (+{time.perf_counter() - started:.0f}s)")
+
+    # Inside the staging folder, so a killed conversion's leftovers are swept with it by `build_once`.
+    workdir = staging / ".gguf-source"
+    workdir.mkdir()
     try:
         if len(sources) == 1:
             gguf_path = sources[0]
         else:
             gguf_path = workdir / f"{name}.gguf"
-            log(f"{name}: concatenating {len(sources)} chunks and checking SHA-256")
+            step(f"concatenating {len(sources)} chunks and checking SHA-256")
             concatenate_verified(sources, gguf_path, source_sha256, f"{name} weights")
-        log(f"{name}: loading GGUF weights (dequantizing to {str(CONVERTED_DTYPE).removeprefix('torch.')})")
+        step(f"loading GGUF weights (dequantizing to {str(CONVERTED_DTYPE).removeprefix('torch.')})")
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent),
             gguf_file=gguf_path.name,
@@ -77,14 +82,14 @@ def convert_gguf(
             local_files_only=True,
         )
         make_dense(model)
-        log(f"{name}: loading the GGUF tokenizer")
+        step("loading the GGUF tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
         )
-        log(f"{name}: writing safetensors to {staging}")
+        step(f"writing safetensors to {staging}")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        log(f"{name}: computing the fingerprint")
+        step("computing the fingerprint")
         fingerprint = fingerprint_fn(model, tokenizer)
         write_json_atomic(
             staging / COMPLETE_MARKER,

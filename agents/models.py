@@ -11,6 +11,7 @@ GGUF weights (bundled or not) are converted once into a float32 safetensors fold
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -143,8 +144,6 @@ def _load_converted(
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 
