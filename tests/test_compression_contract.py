@@ -1,0 +1,112 @@
+"""Contract every registered recipe meets on real K/V from a tiny random Llama (kvpress style): a valid memory
+of the right shape and budget, fewer bytes, and a forward through the model on top of it with finite logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression import available_methods, compress, parse_recipe
+from relay.memory import KVState, Segment
+from relay.observation import Observation
+
+transformers = pytest.importorskip("transformers")
+
+SINK, HISTORY, PROMPTS, THOUGHTS, LEFT_PAD = 4, 5, (14, 9), 4, (0, 5)
+BUDGET = 4
+
+
+def _method_recipes() -> list[str]:
+    per_method = {
+        "h": ["h:budget=4", "h:budget=4,pool=3,value=l1", "h:budget=4,value=wo"],
+        "l": ["l:budget=4", "l:budget=4,value=l2"],
+        "h-obf": ["h-obf:budget=4,rank=2", "h-obf:budget=4,rank=2,fast=false,inject=attention"],
+        "l-obf": ["l-obf:budget=4,rank=4", "l-obf:budget=4,ablation=no-projection,scale=share"],
+        "gen": ["gen"],
+        "int8": ["h-obf:budget=4,rank=2+int8", "int8"],
+        "int4": ["l-obf:budget=4+int4", "gen+int4"],
+    }
+    assert sorted(per_method) == available_methods(), "a registered method has no contract recipe"
+    return [r for name in available_methods() for r in per_method[name]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Llama, a batch whose items differ (left padding, prompt lengths), its memory and observation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    b, max_prompt = 2, max(PROMPTS)
+    t = max(LEFT_PAD) + SINK + HISTORY + max_prompt + THOUGHTS
+    seg = torch.zeros(b, t, dtype=torch.int8)
+    owner = torch.full((b, t), -1, dtype=torch.int16)
+    for i in range(b):
+        j = LEFT_PAD[i]
+        for s, a, n in ((Segment.SINK, 0, SINK), (Segment.PROMPT, 0, HISTORY), (Segment.PROMPT, 1, PROMPTS[i]),
+                        (Segment.PAD, -1, max_prompt - PROMPTS[i] + max(LEFT_PAD) - LEFT_PAD[i]),
+                        (Segment.THOUGHT, 1, THOUGHTS)):
+            seg[i, j : j + n], owner[i, j : j + n] = int(s), a
+            j += n
+    valid = seg != Segment.PAD
+    position = (valid.long().cumsum(1) - 1).clamp_min(0) * valid
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=valid.long(), position_ids=position, use_cache=True,
+                    output_attentions=True)
+    cache = out.past_key_values
+    memory = KVState(
+        keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers],
+        segment=seg, agent=owner, position=position, agents=["planner", "critic"],
+    )
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    rows = [a[:, :, -THOUGHTS:, :] for a in out.attentions]  # [B, H, m, T] per layer: the thoughts' queries
+    grouped = [r.reshape(b, cfg.num_key_value_heads, g, THOUGHTS, t).mean(2) for r in rows]
+    obs = Observation(torch.stack(grouped, dim=1).float(), agent="critic", group_size=g)
+    w_o = [layer.self_attn.o_proj.weight.detach() for layer in model.model.layers]
+    return model, memory, obs, w_o
+
+
+@pytest.mark.parametrize("recipe", _method_recipes())
+def test_recipe_contract(tiny, recipe):
+    model, memory, obs, w_o = tiny
+    before = [(k.clone(), v.clone()) for k, v in zip(memory.keys, memory.values)]
+    packed, metrics = compress(memory, obs, recipe, output_proj=w_o)
+    for (k, v), k2, v2 in zip(before, memory.keys, memory.values):  # pure: the input is not modified
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    for key in ("bytes_before", "bytes_after", "seconds", "retained_fraction", "recipe"):
+        assert key in metrics
+    assert metrics["bytes_after"] == packed.nbytes <= metrics["bytes_before"]
+    parsed = parse_recipe(recipe)
+    out = packed.dequantize() if parsed.bits else packed
+    assert isinstance(out, KVState)
+    out.validate()
+    assert (out.num_layers, out.num_kv_heads, out.head_dim, out.batch_size) == (
+        memory.num_layers, memory.num_kv_heads, memory.head_dim, memory.batch_size)
+    current = ((out.segment == Segment.PROMPT) & (out.agent == 1)).sum(1).tolist()
+    evictor = next((s for s in parsed.steps if s.kind == "evict"), None)
+    if evictor is None:
+        assert current == list(PROMPTS)
+    elif evictor.name == "gen":
+        assert current == [0, 0]
+    else:
+        assert current == [min(BUDGET, p) for p in PROMPTS]
+        assert metrics["retained_fraction"] == pytest.approx(2 * BUDGET / sum(PROMPTS))
+    for s in (Segment.SINK, Segment.THOUGHT):
+        assert ((out.segment == s).sum(1) == (memory.segment == s).sum(1)).all()
+    assert bool(((out.segment == Segment.PROMPT) & (out.agent == 0)).sum(1).eq(HISTORY).all())
+    assert torch.equal(out.next_position(), memory.next_position())
+
+    new = 3
+    ids = torch.randint(0, 64, (out.batch_size, new))
+    mask = torch.cat([out.valid.long(), torch.ones(out.batch_size, new, dtype=torch.long)], dim=1)
+    pos = out.next_position()[:, None] + torch.arange(new)[None, :]
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos).logits
+    assert logits.shape == (out.batch_size, new, 64)
+    assert bool(torch.isfinite(logits).all())
