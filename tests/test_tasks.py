@@ -134,6 +134,8 @@ def test_extract_code_prefers_the_block_defining_the_entry_point():
     assert extract_code(text, "add").startswith("def add")
     assert extract_code("```py\nx = 1\n```", "add") == "x = 1\n"
     assert extract_code("    return a + b\n", "add") == "    return a + b\n"  # raw code
+    prose = "Here is the code:\nfrom typing import List\ndef add(a, b):\n    return a + b\n"
+    assert extract_code(prose, "add").startswith("from typing import List\ndef add")
     unclosed = "```python\ndef add(a, b):\n    return a + b"
     assert extract_code(unclosed, "add").startswith("def add")
 

@@ -20,12 +20,23 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion or "")]
     python = [body for lang, body in blocks if lang in _PY_LANGS]
     if not python:
-        return completion or ""
+        return _strip_leading_prose(completion or "", entry_point)
     if entry_point:
         defining = [body for body in python if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", body)]
         if defining:
             return defining[0]
     return python[0]
+
+
+_CODE_START = re.compile(r"^(?:async\s+def|def|class|import|from|@)\b", re.MULTILINE)
+
+
+def _strip_leading_prose(text: str, entry_point: str | None) -> str:
+    """Unfenced text that defines `entry_point` after some prose ("Here is the code:"): the code part."""
+    if not entry_point or not re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", text) or _compiles(text):
+        return text
+    start = _CODE_START.search(text)
+    return text[start.start():] if start else text
 
 
 def _compiles(source: str) -> bool:
