@@ -1,0 +1,250 @@
+"""The Ray runtime on a loopback-only cluster: same answers as the local runtime, host faults survived,
+timeouts recorded, nothing listening beyond the loopback interface."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from agents.decoding import DecodeConfig  # noqa: E402
+from agents.latent import LatentInput  # noqa: E402
+from agents.models import tiny_model  # noqa: E402
+from agents.runner import ModelRunner  # noqa: E402
+from relay.graph import AgentGraph, Edge, Node, sequential  # noqa: E402
+from relay.results import ResultWriter, read_results  # noqa: E402
+from relay.runtime.local import LocalRuntime  # noqa: E402
+from relay.runtime.node import NodeExecutor  # noqa: E402
+from relay.runtime.ray_runtime import HostModel, PlacementError, RayRuntime  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ARCH, SEED, VOCAB = "llama", 3, 256
+DECODE = DecodeConfig(max_new_tokens=8)
+LATENT = LatentInput("soft")
+
+
+class ByteTokenizer:
+    """A tokenizer stand-in for tiny models: UTF-8 bytes modulo the vocabulary."""
+
+    chat_template = None
+    pad_token_id = None
+    eos_token_id = None
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [b % VOCAB for b in text.encode("utf-8")]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    gold: str
+
+
+class FakeTask:
+    """GSM8K-like: a word problem, an integer answer, correct when the answer text contains it."""
+
+    name = "gsm8k-like"
+    answer_format = "End with: The answer is <number>."
+
+    def score(self, item: Item, text: str) -> bool:
+        return item.gold in text
+
+
+ITEMS = [Item(f"q{i}", f"Tom has {i + 2} apples and buys {3 * i + 1} more. How many now?", str(4 * i + 3))
+         for i in range(8)]
+
+
+def _host_model() -> HostModel:
+    return HostModel.tiny(ARCH, SEED, tokenizer=ByteTokenizer())
+
+
+def _local(graph: AgentGraph, items=ITEMS, batch_size: int = 2):
+    loaded = tiny_model(ARCH, SEED)
+    runner = ModelRunner(loaded.model, ByteTokenizer(), loaded.fingerprint, LATENT)
+    return LocalRuntime(NodeExecutor(runner, DECODE), model_name=loaded.name).run(
+        graph, FakeTask(), items, "latent", batch_size=batch_size
+    )
+
+
+def _same(records, reference) -> None:
+    assert [r.item_id for r in records] == [r.item_id for r in reference]
+    for r, ref in zip(records, reference):
+        assert r.error is None, r.error
+        assert (r.answer, r.correct, r.output_tokens, r.latent_steps) == (
+            ref.answer, ref.correct, ref.output_tokens, ref.latent_steps)
+        assert r.edge_bytes == ref.edge_bytes and r.relay_bytes == ref.relay_bytes > 0
+        assert r.model == ref.model and set(r.node_seconds) == set(ref.node_seconds)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private Ray cluster that listens on the loopback interface only; shut down afterwards."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             object_store_memory=128 * 1024**2, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def per_node(cluster):
+    rt = RayRuntime(_host_model(), latent=LATENT, decode=DECODE, placement="per-node")
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _local(sequential("latent", latent_steps=4))
+
+
+def test_sequential_per_node_matches_local(per_node, reference, tmp_path):
+    graph = sequential("latent", latent_steps=4)
+    out = tmp_path / "results.jsonl"
+    seen = []
+    records = per_node.run(graph, FakeTask(), ITEMS, "latent", batch_size=2, writer=ResultWriter(out),
+                           on_result=seen.append)
+    assert set(per_node.hosts) == {"planner", "critic", "refiner", "judger"}
+    _same(records, reference)
+    assert sorted(r.item_id for r in seen) == sorted(it.id for it in ITEMS)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["item_id"] for x in lines) == sorted(it.id for it in ITEMS)  # one line per item
+    pids = {h: ray.get(handles[0].info.remote())["pid"] for h, handles in per_node.hosts.items()}
+    assert len(set(pids.values())) == 4 and os.getpid() not in pids.values()
+
+
+def test_mixed_placement_and_text_edges_match_local(per_node):
+    """Same-host and cross-host hand-offs in one graph, latent and text edges, a node with two parents."""
+    graph = AgentGraph(
+        name="diamond",
+        nodes=[Node(name=n) for n in ("planner", "critic", "refiner", "judger")],
+        edges=[Edge(source="planner", target="critic"),
+               Edge(source="planner", target="refiner", relay="text"),
+               Edge(source="critic", target="judger"),
+               Edge(source="refiner", target="judger", relay="text")],
+        latent_steps=3,
+    )
+    reference = _local(graph, ITEMS[:5], batch_size=3)
+    per_node.placement = {"planner": "planner", "critic": "planner", "refiner": "judger", "judger": "judger"}
+    try:
+        records = per_node.run(graph, FakeTask(), ITEMS[:5], "latent", batch_size=3)
+    finally:
+        per_node.placement = "per-node"
+    _same(records, reference)
+    assert ray.get(per_node.hosts["planner"][0].held.remote()) == 0  # no hand-off left behind
+    with pytest.raises(PlacementError, match="no host"):
+        RayRuntime(_host_model(), placement={"planner": "a"}).plan(graph)
+
+
+def test_killed_host_retries_without_loss_or_duplicates(cluster, reference, tmp_path):
+    """The shared host dies while batch 1 is under way; its items (and hand-offs) are rerun."""
+    killed = []
+
+    def on_step(event):
+        if event.kind == "submit" and event.batch == 1 and event.node == "critic" and not killed:
+            killed.append(ray.get(rt.hosts["shared"][0].info.remote())["pid"])
+            ray.kill(rt.hosts["shared"][0], no_restart=False)
+
+    rt = RayRuntime(_host_model(), latent=LATENT, decode=DECODE, placement="shared", on_step=on_step)
+    out = tmp_path / "results.jsonl"
+    try:
+        records = rt.run(sequential("latent", latent_steps=4), FakeTask(), ITEMS, "latent", batch_size=2,
+                         writer=ResultWriter(out))
+        assert killed and rt.stats["retries"] >= 1
+        assert ray.get(rt.hosts["shared"][0].info.remote())["pid"] != killed[0]  # restarted
+    finally:
+        rt.close()
+    _same(records, reference)
+    written = read_results(out)
+    assert sorted(r.item_id for r in written) == sorted(it.id for it in ITEMS)  # none lost, none duplicated
+
+
+def test_timeout_gives_error_records(per_node):
+    per_node.timeout = 0.05
+    try:
+        records = per_node.run(sequential("latent", latent_steps=200), FakeTask(), ITEMS[:2], "latent",
+                               batch_size=2)
+    finally:
+        per_node.timeout = None
+    assert [r.item_id for r in records] == ["q0", "q1"]
+    assert all(r.error and "timeout" in r.error for r in records)
+    # the host it abandoned was restarted and serves the next run
+    again = per_node.run(sequential("latent", latent_steps=4), FakeTask(), ITEMS[:2], "latent", batch_size=2)
+    assert all(r.error is None for r in again)
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        for c in children.get(pid, []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _sockets(args: list[str], pids: set[int]) -> list[tuple[str, str, int]]:
+    """(local, peer, pid) of every socket ``ss`` lists for one of ``pids``."""
+    out = subprocess.run(["ss", *args], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) < 6:
+            continue
+        for chunk in line.split("pid=")[1:]:
+            pid = int(chunk.split(",")[0])
+            if pid in pids:
+                found.append((cols[3], cols[4], pid))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_cluster_listens_on_loopback_only(per_node):
+    ray.get([h[0].info.remote() for h in per_node.hosts.values()])  # cluster and hosts are up
+    pids = _descendants(os.getpid())
+    listening = _sockets(["-ltnpH"], pids)
+    assert len({pid for _, _, pid in listening}) >= 3, listening  # gcs, raylet, workers at least
+    exposed = [s for s in listening if not _is_loopback(s[0])]
+    assert not exposed, f"Ray processes listen beyond loopback: {exposed}"
+    connected = _sockets(["-tnpH", "state", "established"], pids)
+    outside = [s for s in connected if not (_is_loopback(s[0]) and _is_loopback(s[1]))]
+    assert not outside, f"Ray processes talk to non-loopback addresses: {outside}"
+    assert not _is_loopback("0.0.0.0:80") and not _is_loopback("[::]:80")
+    assert _is_loopback("[::ffff:127.0.0.1]:9") and _is_loopback("127.0.0.1:6379")
