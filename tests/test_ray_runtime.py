@@ -153,27 +153,40 @@ def test_mixed_placement_and_text_edges_match_local(per_node):
         RayRuntime(_host_model(), placement={"planner": "a"}).plan(graph)
 
 
-def test_killed_host_retries_without_loss_or_duplicates(cluster, reference, tmp_path):
-    """The shared host dies while batch 1 is under way; its items (and hand-offs) are rerun."""
-    killed = []
+def test_killed_host_retries_without_loss_or_duplicates(per_node, reference, tmp_path):
+    """All roles on one host (as with placement="shared"); the host dies while batch 1 is under way: its
+    items, and the hand-offs it held, are run again."""
+    rt, killed = per_node, []
+    victim = rt.hosts["critic"][0]
 
     def on_step(event):
         if event.kind == "submit" and event.batch == 1 and event.node == "critic" and not killed:
-            killed.append(ray.get(rt.hosts["shared"][0].info.remote())["pid"])
-            ray.kill(rt.hosts["shared"][0], no_restart=False)
+            killed.append(ray.get(victim.info.remote())["pid"])
+            ray.kill(victim, no_restart=False)
 
-    rt = RayRuntime(_host_model(), latent=LATENT, decode=DECODE, placement="shared", on_step=on_step)
+    rt.placement, rt.on_step = dict.fromkeys(("planner", "critic", "refiner", "judger"), "critic"), on_step
+    retries = rt.stats["retries"]
     out = tmp_path / "results.jsonl"
     try:
         records = rt.run(sequential("latent", latent_steps=4), FakeTask(), ITEMS, "latent", batch_size=2,
                          writer=ResultWriter(out))
-        assert killed and rt.stats["retries"] >= 1
-        assert ray.get(rt.hosts["shared"][0].info.remote())["pid"] != killed[0]  # restarted
     finally:
-        rt.close()
+        rt.placement, rt.on_step = "per-node", None
+    assert killed and rt.stats["retries"] > retries
+    assert ray.get(victim.info.remote())["pid"] != killed[0]  # restarted
     _same(records, reference)
     written = read_results(out)
     assert sorted(r.item_id for r in written) == sorted(it.id for it in ITEMS)  # none lost, none duplicated
+
+
+def test_shared_placement_plan(cluster):
+    rt = RayRuntime(_host_model(), placement="shared")
+    assert set(rt.plan(sequential()).values()) == {"shared"} and not rt.hosts
+    graph = AgentGraph(nodes=[Node(name="a"), Node(name="b", model="smollm2-135m")],
+                       edges=[Edge(source="a", target="b", relay="text")])
+    assert rt.plan(graph) == {"a": "shared", "b": "shared:smollm2-135m"}
+    with pytest.raises(PlacementError, match="several models"):
+        RayRuntime(_host_model(), placement={"a": "h", "b": "h"}).plan(graph)
 
 
 def test_timeout_gives_error_records(per_node):

@@ -406,19 +406,22 @@ class RayRuntime:
         new = [h for h in wanted if h not in self.hosts]
         if not new:
             return
-        resources = ray.cluster_resources()
-        total_hosts = (len(self.hosts) + len(new)) * self.replicas
-        cpus = _share(resources.get("CPU", 1.0), total_hosts)
+        # an even share of what is free now: hosts of other runtimes keep theirs, and nothing waits for room
+        free, total = ray.available_resources(), ray.cluster_resources()
+        count = len(new) * self.replicas
+        biggest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        cpus = min(_share(free.get("CPU", 0.0), count), biggest)  # a host lives on one node
         gpus = 0.0
         device = self.device
         if device.startswith("cuda"):
-            if resources.get("GPU", 0) <= 0:
+            if total.get("GPU", 0) <= 0:
                 raise HostStartError(f"device {device!r} was asked for but the Ray cluster has no GPU")
-            gpus = _share(resources["GPU"], total_hosts, cap=1.0)
+            gpus = _share(free.get("GPU", 0.0), count, cap=1.0)
             if gpus <= 0:
-                raise HostStartError(f"{total_hosts} hosts do not fit on {resources['GPU']:g} GPU(s)")
+                raise HostStartError(f"no free GPU share for {count} more host(s) "
+                                     f"({free.get('GPU', 0):g} of {total['GPU']:g} GPUs free)")
             device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES for the actor
-        threads = max(1, int(cpus)) if cpus >= 1 else 1
+        threads = max(1, int(cpus))
         remote = ray.remote(ModelHost)
         for host in new:
             self.hosts[host] = [
@@ -592,7 +595,7 @@ class RayRuntime:
                 retry_at[host] = time.monotonic() + 0.5
             else:
                 recovering.pop(host, None)
-                log.info("host %r is back", host[0])
+                log.debug("host %r answers", host[0])
 
         for host_name in set(plan.values()):  # a host may still be restarting from an earlier run: ask first
             for r in range(self.replicas):
