@@ -1,0 +1,66 @@
+"""Bad input on the command line: non-zero exit, one line on stderr, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _relay(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "relay.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_model_reference():
+    proc = _relay("run", "--model", "no-such-model-anywhere", "--n", "1", "--quiet")
+    _one_line_error(proc, "no-such-model-anywhere", "qwen2.5-coder-0.5b")
+
+
+def test_missing_data_folder(tmp_path):
+    proc = _relay("run", "--data-dir", str(tmp_path / "nowhere"), "--n", "1", "--quiet")
+    _one_line_error(proc, "nowhere")
+
+
+def test_invalid_graph_and_recipe():
+    _one_line_error(_relay("run", "--graph", "ring", "--n", "1"), "unknown graph 'ring'")
+    _one_line_error(_relay("run", "--relay", "latent+h:budget=-3", "--n", "1"), "recipe")
+    _one_line_error(_relay("run", "--relay", "carrier-pigeon", "--n", "1"), "relay mode")
+    _one_line_error(_relay("run", "--task", "chess", "--n", "1"), "unknown task")
+
+
+def test_gguf_checksum_mismatch_is_refused():
+    pytest.importorskip("gguf")
+    from agents.bundled import BUNDLED, locate_files
+
+    try:
+        locate_files(BUNDLED["smollm2-135m"])
+    except Exception:
+        pytest.skip("bundled smollm2 package not installed")
+    code = (
+        "import sys, dataclasses\n"
+        "from agents import bundled\n"
+        "spec = bundled.BUNDLED['smollm2-135m']\n"
+        "bundled.BUNDLED['smollm2-135m'] = dataclasses.replace(spec, sha256='0' * 64)\n"
+        "from relay.cli import main\n"
+        "sys.exit(main(['run', '--model', 'smollm2-135m', '--n', '1', '--quiet']))\n"
+    )
+    _one_line_error(_relay(code=code), "0000000000", "b179c9523d0e")
+
+
+def test_inspect_rejects_garbage(tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a packet at all")
+    proc = _relay("inspect", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
