@@ -192,7 +192,9 @@ def _start_block(d: int, width: int, seed: int, device, dtype) -> torch.Tensor:
     return torch.linalg.qr(z).Q.to(device=device, dtype=dtype)
 
 
-def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> torch.Tensor:
+def top_directions_subspace(
+    gram: torch.Tensor, p: int, cfg: BackfillConfig, solvable: torch.Tensor | None = None
+) -> torch.Tensor:
     """Top-``p`` eigenvectors of symmetric ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
 
     Orthogonal (subspace) iteration of width ``p + oversample`` from a fixed seeded start block, re-orthonormalised
@@ -201,8 +203,12 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
     n, d, _ = gram.shape
     width = min(d, p + cfg.oversample)
     z = _start_block(d, width, cfg.seed, gram.device, gram.dtype).expand(n, d, width)
-    scale = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
-    g = torch.nan_to_num(gram / scale[:, None, None])  # normalised: keeps the iterates in range
+    norm = torch.linalg.matrix_norm(gram)
+    ok = torch.isfinite(norm) & (norm > 0)
+    if solvable is not None:
+        ok = ok & solvable
+    inv = torch.where(ok, 1.0 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
+    g = gram * inv[:, None, None]  # normalised (keeps the iterates in range); unsolvable problems -> 0
     for i in range(cfg.iterations):
         z = g @ z
         if (i + 1) % cfg.orth_every == 0 or i + 1 == cfg.iterations:
@@ -212,8 +218,12 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
     return (z @ u[..., -p:]).mT
 
 
-def top_directions_eigh(gram: torch.Tensor, p: int) -> torch.Tensor:
+def top_directions_eigh(gram: torch.Tensor, p: int, solvable: torch.Tensor | None = None) -> torch.Tensor:
     """Top-``p`` eigenvectors of ``gram`` ``[N, d, d]`` from one batched ``torch.linalg.eigh``: ``[N, p, d]``."""
+    if solvable is not None:
+        gram = torch.where(
+            solvable[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device)
+        )
     _, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
     return u[..., -p:].mT
 
@@ -233,23 +243,22 @@ def _solve_exact(x, qt, y, w_hat_d, cfg):
 def _solve_gram(qt, s, y_bar, cfg):
     """Gram path: ``G = P S P`` with ``P = I - Q Q^T``; returns (r, C or None, ||R||_F, ||Y||_F)."""
     if cfg.project:
-        m = s @ qt.mT  # S Q         [N, d, k]
-        t = qt @ m  # Q^T S Q         [N, k, k]
-        f = (m - 0.5 * (qt.mT @ t)) @ qt  # (S Q - Q T / 2) Q^T
-        g = s - f - f.mT
-        r = y_bar - torch.einsum("nkd,nk->nd", qt, torch.einsum("nkd,nd->nk", qt, y_bar))
+        # G = P S P = S - E Q^T - Q E^T with M = S Q, E = M - Q (Q^T M) / 2   (Q = qt^T, d x k)
+        m = s @ qt.mT  # [N, d, k]
+        e = torch.baddbmm(m, qt.mT, qt @ m, alpha=-0.5)
+        g = torch.baddbmm(s, e, qt, alpha=-1.0).baddbmm_(qt.mT, e.mT, alpha=-1.0)
+        r = y_bar - (qt.mT @ (qt @ y_bar[..., None]))[..., 0]
     else:
         g, r = s, y_bar
-    g = 0.5 * (g + g.mT)
     r_norm = g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
     y_norm = s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
-    g = torch.where((r_norm > cfg.residual_tol * y_norm)[:, None, None], g, torch.zeros_like(g))
     c = None
     if not _use_all_components(cfg, s.shape[-1]):
+        solvable = r_norm > cfg.residual_tol * y_norm  # the others inject nothing: do not iterate on noise
         if cfg.solver == "eigh":
-            c = top_directions_eigh(g, cfg.rank)
+            c = top_directions_eigh(g, cfg.rank, solvable)
         else:
-            c = top_directions_subspace(g, cfg.rank, cfg)
+            c = top_directions_subspace(g, cfg.rank, cfg, solvable)
     return r, c, r_norm, y_norm
 
 
@@ -261,8 +270,9 @@ def _evicted_gram(values: list[torch.Tensor], evict: torch.Tensor, w_hat: torch.
     for i, v in enumerate(values):
         vp = v[:, :, lo:hi].float()  # [B, H, Tp, d]
         m = evict[i, :, :, lo:hi].to(vp.dtype)
-        grams.append((vp * m[..., None]).mT @ vp)
-        bars.append(torch.einsum("bhtd,bht->bhd", vp, w_hat[i, :, :, lo:hi]))
+        ym = vp * m[..., None]
+        grams.append(ym.mT @ ym)
+        bars.append((w_hat[i, :, :, None, lo:hi] @ vp)[..., 0, :])
     return torch.stack(grams), torch.stack(bars)
 
 

@@ -36,8 +36,13 @@ def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -48,21 +53,34 @@ def tiny():
     owner = torch.full((b, t), -1, dtype=torch.int16)
     for i in range(b):
         j = LEFT_PAD[i]
-        for s, a, n in ((Segment.SINK, 0, SINK), (Segment.PROMPT, 0, HISTORY), (Segment.PROMPT, 1, PROMPTS[i]),
-                        (Segment.PAD, -1, max_prompt - PROMPTS[i] + max(LEFT_PAD) - LEFT_PAD[i]),
-                        (Segment.THOUGHT, 1, THOUGHTS)):
+        for s, a, n in (
+            (Segment.SINK, 0, SINK),
+            (Segment.PROMPT, 0, HISTORY),
+            (Segment.PROMPT, 1, PROMPTS[i]),
+            (Segment.PAD, -1, max_prompt - PROMPTS[i] + max(LEFT_PAD) - LEFT_PAD[i]),
+            (Segment.THOUGHT, 1, THOUGHTS),
+        ):
             seg[i, j : j + n], owner[i, j : j + n] = int(s), a
             j += n
     valid = seg != Segment.PAD
     position = (valid.long().cumsum(1) - 1).clamp_min(0) * valid
     ids = torch.randint(0, cfg.vocab_size, (b, t))
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=valid.long(), position_ids=position, use_cache=True,
-                    output_attentions=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=valid.long(),
+            position_ids=position,
+            use_cache=True,
+            output_attentions=True,
+        )
     cache = out.past_key_values
     memory = KVState(
-        keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers],
-        segment=seg, agent=owner, position=position, agents=["planner", "critic"],
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        segment=seg,
+        agent=owner,
+        position=position,
+        agents=["planner", "critic"],
     )
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     rows = [a[:, :, -THOUGHTS:, :] for a in out.attentions]  # [B, H, m, T] per layer: the thoughts' queries
@@ -87,7 +105,11 @@ def test_recipe_contract(tiny, recipe):
     assert isinstance(out, KVState)
     out.validate()
     assert (out.num_layers, out.num_kv_heads, out.head_dim, out.batch_size) == (
-        memory.num_layers, memory.num_kv_heads, memory.head_dim, memory.batch_size)
+        memory.num_layers,
+        memory.num_kv_heads,
+        memory.head_dim,
+        memory.batch_size,
+    )
     current = ((out.segment == Segment.PROMPT) & (out.agent == 1)).sum(1).tolist()
     evictor = next((s for s in parsed.steps if s.kind == "evict"), None)
     if evictor is None:
@@ -107,6 +129,8 @@ def test_recipe_contract(tiny, recipe):
     mask = torch.cat([out.valid.long(), torch.ones(out.batch_size, new, dtype=torch.long)], dim=1)
     pos = out.next_position()[:, None] + torch.arange(new)[None, :]
     with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos).logits
+        logits = model(
+            input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos
+        ).logits
     assert logits.shape == (out.batch_size, new, 64)
     assert bool(torch.isfinite(logits).all())

@@ -21,7 +21,9 @@ OPTION_VALUES = {
     "fast": st.sampled_from(["true", "false", "True", "0", "1"]),
     "inject": st.sampled_from(["uniform", "attention"]),
     "scale": st.sampled_from(["ratio", "none", "share"]),
-    "ablation": st.sampled_from(["none", "no-projection", "naive-aggregation", "no-scaling", "all-components"]),
+    "ablation": st.sampled_from(
+        ["none", "no-projection", "naive-aggregation", "no-scaling", "all-components"]
+    ),
 }
 
 
@@ -55,13 +57,19 @@ def test_documented_recipes_parse_to_their_configs():
     r = parse_recipe("h-obf:budget=32,rank=2+int8")
     assert r.canonical == "h-obf:budget=32,rank=2+int8" and r.bits == 8
     step = r.steps[0]
-    assert isinstance(step, HeadwiseOBF) and step.budget == 32 and step.backfill_config() == BackfillConfig(rank=2)
+    assert (
+        isinstance(step, HeadwiseOBF)
+        and step.budget == 32
+        and step.backfill_config() == BackfillConfig(rank=2)
+    )
     lobf = parse_recipe("l-obf:budget=16")
     assert isinstance(lobf.steps[0], LayerwiseOBF) and lobf.canonical == "l-obf:budget=16,rank=4"
     assert parse_recipe("h:budget=32").canonical == "h:budget=32"
     assert parse_recipe("gen").canonical == "gen" and parse_recipe("gen").bits is None
     assert parse_recipe("l:budget=8+int4").bits == 4
-    cfg = parse_recipe("l-obf:budget=8,fast=false,inject=attention,scale=share,ablation=no-projection").steps[0]
+    cfg = parse_recipe("l-obf:budget=8,fast=false,inject=attention,scale=share,ablation=no-projection").steps[
+        0
+    ]
     assert cfg.backfill_config() == BackfillConfig(
         rank=4, solver="exact", inject="attention", scale="share", project=False
     )
@@ -114,8 +122,17 @@ def test_non_string_recipe_is_rejected():
         parse_recipe(32)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("recipe", ["h:budget=3", "l:budget=3,pool=3,value=l1", "h-obf:budget=3", "l-obf:budget=3",
-                                    "h-obf:budget=3,fast=false", "gen"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "h:budget=3",
+        "l:budget=3,pool=3,value=l1",
+        "h-obf:budget=3",
+        "l-obf:budget=3",
+        "h-obf:budget=3,fast=false",
+        "gen",
+    ],
+)
 def test_compress_reports_real_sizes_and_fractions(recipe):
     memory, obs = build_memory(Layout(prompts=(12, 7)))
     packed, metrics = compress(memory, obs, recipe)

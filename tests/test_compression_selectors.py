@@ -72,8 +72,12 @@ def check_evicted(memory: KVState, out: KVState, kept: dict, budget: int | None)
                 assert torch.equal(out.segment[b, :n], memory.segment[b, idx])
                 assert torch.equal(out.agent[b, :n], memory.agent[b, idx])
                 rest = slice(n, out.num_tokens)
-                assert bool((out.keys[li][b, h, rest] == 0).all()) and bool((out.values[li][b, h, rest] == 0).all())
-                assert bool((out.segment[b, rest] == Segment.PAD).all()) and bool((out.agent[b, rest] == -1).all())
+                assert bool((out.keys[li][b, h, rest] == 0).all()) and bool(
+                    (out.values[li][b, h, rest] == 0).all()
+                )
+                assert bool((out.segment[b, rest] == Segment.PAD).all()) and bool(
+                    (out.agent[b, rest] == -1).all()
+                )
                 assert bool((pos_out[li, b, h, rest] == 0).all())
 
 
@@ -109,7 +113,9 @@ def test_generation_only_drops_the_whole_current_prompt(lay):
     assert not out.per_head_positions  # one shared token set: positions stay [B, T]
     assert selection.retained_fraction == (0.0 if sum(lay.prompts) else 1.0)
     # the other agent's prompt is history: it passes
-    assert torch.equal(((out.segment == Segment.PROMPT) & (out.agent == 0)).sum(1), torch.full((lay.batch,), lay.history))
+    assert torch.equal(
+        ((out.segment == Segment.PROMPT) & (out.agent == 0)).sum(1), torch.full((lay.batch,), lay.history)
+    )
 
 
 def test_positions_stay_original_and_new_tokens_continue_after_the_largest():

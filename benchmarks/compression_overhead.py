@@ -1,0 +1,184 @@
+"""Per-hop compression overhead on random caches shaped like Qwen3-4B (METHODS.md §3, issue 3).
+
+Times one relay hop (score -> select -> backfill) of H, L, L-OBF exact, L-OBF fast and H-OBF fast, and the
+faithful per-(item, layer, head) loop of OBF as in the paper's code, on the same memory, and prints a table with
+ratios to the loop plus the largest relative difference of the injected delta fast vs exact.
+
+    python -m benchmarks.compression_overhead            # 36 layers, 8 KV heads, d=128, batch 4, 500-token prompts
+    python -m benchmarks.compression_overhead --quick    # small shapes, seconds
+
+Values get a decaying spectrum (like real value caches) so that the top residual directions are defined; on an
+isotropic random spectrum sigma_p and sigma_{p+1} nearly tie and no solver's top-p subspace is well defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from compression import compress
+from compression.backfill import BackfillConfig, backfill_reference_loop, orthogonal_backfill
+from compression.scores import compute_scores
+from compression.selectors import current_agent_index, prompt_mask, select_headwise, select_layerwise
+from relay.memory import KVState, Segment
+from relay.observation import Observation
+
+
+def random_cache(
+    layers: int,
+    heads: int,
+    head_dim: int,
+    batch: int,
+    prompt: int,
+    thoughts: int,
+    history: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    group_size: int = 4,
+) -> tuple[KVState, Observation]:
+    """[SINK 4][history of an earlier agent][current prompt (lengths vary by item)][PAD][thoughts]."""
+    gen = torch.Generator().manual_seed(seed)
+    sink = 4
+    t = sink + history + prompt + thoughts
+    seg = torch.zeros(batch, t, dtype=torch.int8)
+    owner = torch.full((batch, t), -1, dtype=torch.int16)
+    for b in range(batch):
+        n = prompt - 8 * b  # items differ a little, as a real batch does
+        parts = (
+            (Segment.SINK, 0, sink),
+            (Segment.PROMPT, 0, history),
+            (Segment.PROMPT, 1, n),
+            (Segment.PAD, -1, prompt - n),
+            (Segment.THOUGHT, 1, thoughts),
+        )
+        j = 0
+        for s, a, k in parts:
+            seg[b, j : j + k], owner[b, j : j + k] = int(s), a
+            j += k
+    valid = seg != Segment.PAD
+    position = (valid.long().cumsum(1) - 1).clamp_min(0) * valid
+    decay = torch.logspace(0, -1.5, head_dim)
+    keys, values = [], []
+    for _ in range(layers):
+        rot = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen)).Q
+        keys.append(torch.randn(batch, heads, t, head_dim, generator=gen).to(dtype))
+        v = (torch.randn(batch, heads, t, head_dim, generator=gen) * decay) @ rot
+        values.append(v.to(dtype))
+    memory = KVState(keys, values, seg, owner, position, agents=["planner", "critic"])
+    logits = torch.randn(batch, layers, heads, thoughts, t, generator=gen) * 2
+    logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    return memory, Observation(logits.softmax(-1), agent="critic", group_size=group_size)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="small shapes (4 layers, batch 2, 120-token prompts)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    ap.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the slow reference loop")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=500)
+    ap.add_argument("--thoughts", type=int, default=40)
+    ap.add_argument("--history", type=int, default=200)
+    ap.add_argument("--budget", type=int, default=32)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.batch, args.prompt, args.history, args.thoughts = 4, 2, 120, 40, 10
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    memory, obs = random_cache(
+        args.layers,
+        args.heads,
+        args.head_dim,
+        args.batch,
+        args.prompt,
+        args.thoughts,
+        args.history,
+        getattr(torch, args.dtype),
+    )
+    n_problems = args.layers * args.batch * args.heads
+    print(
+        f"cache: {args.layers} layers x {args.heads} KV heads x d={args.head_dim}, batch {args.batch}, "
+        f"{memory.num_tokens} slots ({args.prompt}-token prompts, {args.thoughts} thoughts, {args.history} "
+        f"history), {args.dtype}, {memory.nbytes / 2**20:.0f} MiB; budget {args.budget}; {n_problems} OBF "
+        f"problems per hop; torch threads {torch.get_num_threads()}"
+    )
+
+    b = args.budget
+    recipes = {
+        "H": f"h:budget={b}",
+        "L": f"l:budget={b}",
+        "L-OBF exact": f"l-obf:budget={b},rank=4,fast=false",
+        "L-OBF fast": f"l-obf:budget={b},rank=4",
+        "H-OBF fast": f"h-obf:budget={b},rank=2",
+    }
+    rows: dict[str, float] = {}
+    for name, recipe in recipes.items():
+        reps = 1 if "exact" in name else args.repeats
+        rows[name], _ = timed(lambda r=recipe: compress(memory, obs, r), reps)
+
+    # the OBF solve alone (same selection), and the faithful loop
+    scores = compute_scores(memory, obs)
+    prompt = prompt_mask(memory, current_agent_index(memory, obs))
+    sel_l = select_layerwise(scores, prompt, b)
+    sel_h = select_headwise(scores, prompt, b)
+    solve = {}
+    solve["L-OBF exact"], exact = timed(
+        lambda: orthogonal_backfill(memory, sel_l, scores, BackfillConfig(rank=4, solver="exact")), 1
+    )
+    solve["L-OBF fast"], fast = timed(
+        lambda: orthogonal_backfill(memory, sel_l, scores, BackfillConfig(rank=4)), args.repeats
+    )
+    solve["H-OBF fast"], _ = timed(
+        lambda: orthogonal_backfill(memory, sel_h, scores, BackfillConfig(rank=2)), args.repeats
+    )
+    loop_solve, loop_shift = timed(
+        lambda: backfill_reference_loop(memory, sel_l, scores, BackfillConfig(rank=4)), args.loop_repeats
+    )
+    select_time, _ = timed(lambda: compress(memory, obs, f"l:budget={b}"), 1)
+    rows["L-OBF loop (paper)"] = rows["L"] + loop_solve  # same hop, the backfill done by the per-head loop
+    solve["L-OBF loop (paper)"] = loop_solve
+
+    loop = rows["L-OBF loop (paper)"]
+    print()
+    print(f"{'method':<20} {'hop s':>9} {'x vs loop':>10} {'OBF solve s':>12} {'solve x vs loop':>16}")
+    for name, sec in rows.items():
+        s = solve.get(name)
+        solve_cols = f"{s:>12.3f} {loop_solve / s:>16.1f}" if s is not None else f"{'-':>12} {'-':>16}"
+        print(f"{name:<20} {sec:>9.3f} {loop / sec:>10.1f} {solve_cols}")
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return (a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
+
+    applied = exact.applied
+    print()
+    print(f"max relative |delta| difference over {int(applied.sum())} injected (layer, item, head) problems:")
+    print(
+        f"  fast vs exact: {float(rel(fast.shift, exact.shift)[applied].max()):.2e}   "
+        f"exact vs loop: {float(rel(exact.shift, loop_shift)[applied].max()):.2e}   "
+        f"fast vs loop: {float(rel(fast.shift, loop_shift)[applied].max()):.2e}"
+    )
+    print(f"  OBF diagnostics (L-OBF fast): {fast.diagnostics()}")
+
+
+if __name__ == "__main__":
+    main()
