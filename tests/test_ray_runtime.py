@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from agents.decoding import DecodeConfig  # noqa: E402
 from agents.latent import LatentInput  # noqa: E402
@@ -24,10 +24,11 @@ from relay.graph import AgentGraph, Edge, Node, sequential  # noqa: E402
 from relay.results import ResultWriter, read_results  # noqa: E402
 from relay.runtime.local import LocalRuntime  # noqa: E402
 from relay.runtime.node import NodeExecutor  # noqa: E402
-from relay.runtime.ray_runtime import HostModel, PlacementError, RayRuntime  # noqa: E402
+from relay.runtime.ray_runtime import HostModel, PlacementError, RayRuntime, start_local_cluster  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
+ray = None  # imported by the cluster fixture, after the runtime has prepared the loopback-only setting
 ARCH, SEED, VOCAB = "llama", 3, 256
 DECODE = DecodeConfig(max_new_tokens=8)
 LATENT = LatentInput("soft")
@@ -93,12 +94,13 @@ def _same(records, reference) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     """A private Ray cluster that listens on the loopback interface only; shut down afterwards."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    global ray
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
+    start_local_cluster(num_cpus=2, object_store_memory=128 * 1024**2, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             object_store_memory=128 * 1024**2, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
 

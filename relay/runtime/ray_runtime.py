@@ -34,9 +34,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-import ray.exceptions as rex
-
 from relay.graph import AgentGraph, GraphError
 from relay.results import ItemResult, ResultWriter
 from relay.runtime.local import batches
@@ -45,6 +42,40 @@ log = logging.getLogger("relay")
 
 SHARED = "shared"
 PER_NODE = "per-node"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+ray: Any = None  # imported by _import_ray: a loopback cluster needs LOOPBACK_ENV set before Ray is imported
+rex: Any = None
+
+
+def _import_ray(loopback: bool):
+    """Import Ray; ``loopback``: this process will start (or use) a cluster bound to 127.0.0.1 only.
+
+    Ray decides at import time whether a process may use a non-loopback address (``ray_constants.
+    ENABLE_RAY_CLUSTER`` from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``); with the variable unset, a local cluster
+    binds its gRPC servers and agents to every interface even with ``_node_ip_address="127.0.0.1"``. The
+    variable is set before the import (the cluster's own processes inherit it), and the driver's constant is
+    corrected when Ray was imported earlier."""
+    global ray, rex
+    if loopback:
+        os.environ[LOOPBACK_ENV] = "0"
+    import ray as ray_module
+    import ray.exceptions as exceptions_module
+
+    if loopback:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray, rex = ray_module, exceptions_module
+    return ray
+
+
+def start_local_cluster(num_cpus: int | None = None, object_store_memory: int | None = 512 * 1024**2,
+                        **init_options) -> None:
+    """Start a private Ray cluster in this process that listens on the loopback interface only."""
+    _import_ray(loopback=True)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+             object_store_memory=object_store_memory, **{"logging_level": logging.WARNING, **init_options})
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -238,13 +269,11 @@ class _Step:
     started: float
 
 
-_SYSTEM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    getattr(rex, n)
-    for n in ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError",
-              "LocalRayletDiedError", "RaySystemError", "ObjectFetchTimedOutError",
-              "ReferenceCountingAssertionError", "OutOfMemoryError")
-    if hasattr(rex, n)
-)
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a lost worker, actor, node or object: the step did not fail by itself."""
+    names = ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
+             "RaySystemError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError", "OutOfMemoryError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
 def _first_line(err: BaseException) -> str:
@@ -325,19 +354,13 @@ class RayRuntime:
 
     # -------------------------------------------------------------- cluster
     def _connect(self, address, num_cpus, object_store_memory) -> None:
+        _import_ray(loopback=not address)
         if ray.is_initialized():
             return
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:  # a private cluster that only listens on the loopback interface
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                num_cpus=num_cpus,
-                object_store_memory=object_store_memory,
-                logging_level=logging.WARNING,
-            )
+        else:
+            start_local_cluster(num_cpus, object_store_memory)
         self._started_ray = True
 
     def close(self) -> None:
@@ -450,7 +473,7 @@ class RayRuntime:
                     raise cause from None  # e.g. an unknown model reference: the CLI's one-line error
                 raise HostStartError(f"host {host!r} could not load {wanted[host].label}: "
                                      f"{type(cause).__name__}: {_first_line(cause)}") from None
-            except _SYSTEM_ERRORS as err:
+            except _system_errors() as err:
                 self._drop_host(host)
                 raise HostStartError(f"host {host!r} died while starting: {_first_line(err)}") from None
             self.host_info[host] = infos[0]
@@ -505,10 +528,10 @@ class RayRuntime:
             b.key = f"{run_id}:{b.seq}:{b.attempt}"
             active.append(b)
 
-        def finish(b: _Batch, records: list[ItemResult]) -> None:
+        def finish(b: _Batch, records: list[ItemResult], clean: bool = True) -> None:
             b.finished = True
             active.remove(b)
-            self._discard(plan, b)
+            self._discard(plan, b, held=not clean)  # a finished batch consumed all its same-host hand-offs
             self.stats["batches"] += 1
             if writer is not None:
                 writer.write(records)
@@ -520,7 +543,7 @@ class RayRuntime:
         def fail(b: _Batch, message: str) -> None:
             log.warning("batch of %d items failed: %s", len(b.items), message)
             self.stats["failed_items"] += len(b.items)
-            finish(b, [self._failed(graph, task, it, relay, model_name, message) for it in b.items])
+            finish(b, [self._failed(graph, task, it, relay, model_name, message) for it in b.items], clean=False)
 
         def retry(b: _Batch, err: BaseException, node: str) -> None:
             why = f"{type(err).__name__}: {_first_line(err)}"
@@ -532,7 +555,7 @@ class RayRuntime:
             self.stats["retries"] += 1
             b.finished = True
             active.remove(b)
-            self._discard(plan, b)
+            self._discard(plan, b, held=True)
             again = [_Batch(b.seq, b.items, attempt=b.attempt + 1)]
             if b.attempt >= 1 and len(b.items) > 1:  # keeps failing: isolate the item that breaks the host
                 self.stats["splits"] += 1
@@ -646,7 +669,7 @@ class RayRuntime:
                     if stale:
                         continue
                     emit("failed", b, s.node, s.host)
-                    if isinstance(cause, (LostMessageError, *_SYSTEM_ERRORS)):
+                    if isinstance(cause, (LostMessageError, *_system_errors())):
                         retry(b, cause, s.node)
                     else:  # the step itself raised: the batch fails, as in the local runtime
                         fail(b, f"{type(cause).__name__}: {_first_line(cause)}")
@@ -682,8 +705,11 @@ class RayRuntime:
                         f"timeout (at node {s.node!r} on host {s.host[0]!r})")
         return killed
 
-    def _discard(self, plan: dict[str, str], b: _Batch) -> None:
+    def _discard(self, plan: dict[str, str], b: _Batch, held: bool) -> None:
+        """Drop the batch's packets; ``held``: also its hand-offs left on hosts (a batch that stopped midway)."""
         b.exports.clear()
+        if not held:
+            return
         for host in set(plan.values()):
             try:
                 self.hosts[host][b.replica].discard.remote(b.key)
@@ -739,4 +765,5 @@ __all__ = [
     "RayRuntime",
     "RayRuntimeError",
     "StepEvent",
+    "start_local_cluster",
 ]
