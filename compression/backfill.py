@@ -12,9 +12,11 @@ back into the kept values, at no extra bytes. For each (item, layer, KV head) wi
     V[j] += alpha * delta               # every kept prompt value of that head
 
 Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
-the solver (``exact``: batched QR + SVD in fp32; ``subspace``: Gram matrices ``R^T R`` of all problems at once and
-batched subspace iteration with Rayleigh-Ritz; ``eigh``: batched eigen-solve of the same Gram matrices), the inject
-and scale modes, and the published ablations (no projection, naive aggregation, no scaling, all components).
+the solver (``exact``: batched QR + SVD in fp32; ``subspace``: Cholesky-QR kept basis, residuals and their d x d
+Gram matrices ``R^T R`` built layer by layer over the prompt span, then batched subspace iteration with
+Rayleigh-Ritz on all (layer, item, head) problems at once; ``eigh``: one batched eigen-solve of the same Gram
+matrices), the inject and scale modes, and the published ablations (no projection, naive aggregation, no scaling,
+all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
 benchmarks.
 """
@@ -51,8 +53,8 @@ class BackfillConfig:
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
     ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
-    ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the Gram path resolves
-    ``||R||`` only to about ``sqrt(eps_fp32) * ||Y||``, so "~0" means below 1e-3 of the evicted norm).
+    ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
+    orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """
 
     rank: int | None = 4
@@ -240,40 +242,53 @@ def _solve_exact(x, qt, y, w_hat_d, cfg):
     return r, c, torch.linalg.matrix_norm(r_mat), torch.linalg.matrix_norm(y)
 
 
-def _solve_gram(qt, s, y_bar, cfg):
-    """Gram path: ``G = P S P`` with ``P = I - Q Q^T``; returns (r, C or None, ||R||_F, ||Y||_F)."""
-    if cfg.project:
-        # G = P S P = S - E Q^T - Q E^T with M = S Q, E = M - Q (Q^T M) / 2   (Q = qt^T, d x k)
-        m = s @ qt.mT  # [N, d, k]
-        e = torch.baddbmm(m, qt.mT, qt @ m, alpha=-0.5)
-        g = torch.baddbmm(s, e, qt, alpha=-1.0).baddbmm_(qt.mT, e.mT, alpha=-1.0)
-        r = y_bar - (qt.mT @ (qt @ y_bar[..., None]))[..., 0]
-    else:
-        g, r = s, y_bar
-    r_norm = g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
-    y_norm = s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+def _solve_gram(gram, r, r_norm, y_norm, cfg):
+    """Gram path: top-p eigenvectors of ``G = R^T R`` for all problems at once; returns (r, C or None, norms)."""
     c = None
-    if not _use_all_components(cfg, s.shape[-1]):
+    if not _use_all_components(cfg, gram.shape[-1]):
         solvable = r_norm > cfg.residual_tol * y_norm  # the others inject nothing: do not iterate on noise
         if cfg.solver == "eigh":
-            c = top_directions_eigh(g, cfg.rank, solvable)
+            c = top_directions_eigh(gram, cfg.rank, solvable)
         else:
-            c = top_directions_subspace(g, cfg.rank, cfg, solvable)
+            c = top_directions_subspace(gram, cfg.rank, cfg, solvable)
     return r, c, r_norm, y_norm
 
 
-def _evicted_gram(values: list[torch.Tensor], evict: torch.Tensor, w_hat: torch.Tensor, prompt: torch.Tensor):
-    """Per layer ``S = Y^T Y`` and ``y_bar = Y^T w_hat`` over the prompt span, without gathering ``Y``."""
+def _residual_gram(
+    values: list[torch.Tensor],
+    qt: torch.Tensor,
+    evict: torch.Tensor,
+    w_hat: torch.Tensor,
+    prompt: torch.Tensor,
+    project: bool,
+):
+    """Per layer, over the prompt span and without gathering ``Y``: the residual ``R = (Y - Y Q Q^T)`` masked to
+    the evicted rows, its Gram ``R^T R`` ``[L, B, H, d, d]``, ``r = w_hat^T R`` ``[L, B, H, d]`` and the norms
+    ``||R||_F``, ``||Y||_F`` ``[L, B, H]``. ``qt`` is ``Q^T`` as ``[L, B, H, k, d]``."""
     cols = prompt.any(dim=0).nonzero()
     lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
-    grams, bars = [], []
+    n_layers, b, h = evict.shape[:3]
+    d = values[0].shape[-1]
+    dev = values[0].device
+    gram = torch.empty(n_layers, b, h, d, d, device=dev)
+    r = torch.empty(n_layers, b, h, d, device=dev)
+    y2 = torch.empty(n_layers, b, h, device=dev)
     for i, v in enumerate(values):
-        vp = v[:, :, lo:hi].float()  # [B, H, Tp, d]
-        m = evict[i, :, :, lo:hi].to(vp.dtype)
-        ym = vp * m[..., None]
-        grams.append(ym.mT @ ym)
-        bars.append((w_hat[i, :, :, None, lo:hi] @ vp)[..., 0, :])
-    return torch.stack(grams), torch.stack(bars)
+        m = evict[i, :, :, lo:hi, None].to(torch.float32)  # [B, H, Tp, 1]
+        y = v[:, :, lo:hi].to(torch.float32).reshape(b * h, hi - lo, d)  # may alias an fp32 cache: no in-place
+        if project:
+            coef = y @ qt[i].reshape(b * h, -1, d).mT  # Y Q   [B*H, Tp, k]
+            res = torch.baddbmm(y, coef, qt[i].reshape(b * h, -1, d), alpha=-1.0).view(b, h, hi - lo, d)
+            res.mul_(m)  # R: evicted rows only
+            # ||Y||^2 = ||R||^2 + ||Y Q||^2 (the two parts are orthogonal)
+            y2[i] = coef.view(b, h, hi - lo, -1).square().mul_(m).sum(dim=(-1, -2))
+        else:
+            res = y.view(b, h, hi - lo, d) * m
+        torch.matmul(res.mT, res, out=gram[i])
+        r[i] = (w_hat[i, :, :, None, lo:hi] @ res)[..., 0, :]
+    r_norm = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
+    y2 = y2 + r_norm.square() if project else gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return gram, r, r_norm, y2.clamp_min(0).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -314,9 +329,13 @@ def orthogonal_backfill(
         y = y * (torch.arange(n_max, device=y.device)[None, :] < n_evict.reshape(-1, 1))[..., None]
         r, c, r_norm, y_norm = _solve_exact(x, qt, y, wd, config)
     else:
-        qt = kept_basis(x, kept_n)
-        s, y_bar = _evicted_gram(memory.values, evict, w_hat, selection.prompt)
-        r, c, r_norm, y_norm = _solve_gram(qt, s.reshape(n_prob, d, d), y_bar.reshape(n_prob, d), config)
+        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d)
+        gram, r, r_norm, y_norm = _residual_gram(
+            memory.values, qt, evict, w_hat, selection.prompt, config.project
+        )
+        r, c, r_norm, y_norm = _solve_gram(
+            gram.reshape(n_prob, d, d), r.reshape(n_prob, d), r_norm.reshape(-1), y_norm.reshape(-1), config
+        )
 
     delta = _restrict(r, c)
     if c is not None:  # at most p evicted rows: C spans the whole row space of R, so delta = r exactly
