@@ -3,6 +3,7 @@
 #
 #   examples/ray_job_submit.sh                 # 4 GSM8K items, sequential latent relay, one host per agent
 #   N=20 MODEL=qwen2.5-coder-0.5b examples/ray_job_submit.sh
+#   examples/ray_job_submit.sh --max-new-tokens 64 --latent-steps 4    # extra arguments go to `relay run`
 #
 # 1. starts a Ray head that listens on 127.0.0.1 only (GCS, raylet, object store and the job server),
 # 2. submits `relay run ... --runtime ray --address auto` with this folder as the job's working directory,
@@ -35,4 +36,4 @@ trap '"$RAY" stop' EXIT
     --runtime-env-json '{"excludes": [".venv", ".git", "out", "*.gguf", "*.safetensors"]}' \
     -- relay run --graph sequential --relay latent --task gsm8k --n "$N" --model "$MODEL" \
        --data-dir "$DATA_DIR" \
-       --runtime ray --address auto --placement per-node --out "$OUT" --resume
+       --runtime ray --address auto --placement per-node --out "$OUT" --resume "$@"
