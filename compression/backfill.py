@@ -211,9 +211,12 @@ def top_directions_subspace(
         ok = ok & solvable
     inv = torch.where(ok, 1.0 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
     g = gram * inv[:, None, None]  # normalised (keeps the iterates in range); unsolvable problems -> 0
-    for i in range(cfg.iterations):
-        z = g @ z
-        if (i + 1) % cfg.orth_every == 0 or i + 1 == cfg.iterations:
+    step, reps = g, cfg.iterations
+    if cfg.orth_every == 2 and cfg.iterations % 2 == 0:
+        step, reps = g @ g, cfg.iterations // 2  # G^2 once: half the skinny products, same iterates
+    for i in range(reps):
+        z = step @ z
+        if step is not g or (i + 1) % cfg.orth_every == 0 or i + 1 == reps:
             z = torch.linalg.qr(z).Q
     t = z.mT @ (g @ z)
     _, u = torch.linalg.eigh(0.5 * (t + t.mT))
