@@ -155,6 +155,18 @@ def test_mixed_placement_and_text_edges_match_local(per_node):
         RayRuntime(_host_model(), placement={"planner": "a"}).plan(graph)
 
 
+def test_failing_step_gives_error_records_without_retries(per_node, reference):
+    """A step that raises (a prompt past the context window) fails its batch only, as in the local runtime."""
+    long = Item("long", "Count the apples. " * 80, "0")
+    retries = per_node.stats["retries"]
+    records = per_node.run(sequential("latent", latent_steps=4), FakeTask(), [long, ITEMS[0], ITEMS[0]], "latent",
+                           batch_size=1)
+    assert [r.item_id for r in records] == ["long", "q0", "q0"]
+    assert records[0].error and records[0].error.startswith("PromptTooLongError")
+    assert records[1].error is None and records[1].answer == records[2].answer == reference[0].answer
+    assert per_node.stats["retries"] == retries
+
+
 def test_killed_host_retries_without_loss_or_duplicates(per_node, reference, tmp_path):
     """All roles on one host (as with placement="shared"); the host dies while batch 1 is under way: its
     items, and the hand-offs it held, are run again."""

@@ -250,6 +250,7 @@ class StepEvent:
 class _Batch:
     seq: int
     items: list
+    index: list[int]  # the items' positions in the run's input
     attempt: int = 0
     replica: int = 0
     key: str = ""
@@ -507,14 +508,14 @@ class RayRuntime:
         model_name = self._model_name(graph, plan)
         run_id = uuid.uuid4().hex[:12]
         seq = itertools.count()
-        queue = deque(_Batch(next(seq), list(b)) for b in batches(items, max(1, batch_size)))
+        queue = deque(_Batch(next(seq), [items[i] for i in idx], list(idx))
+                      for idx in batches(range(len(items)), max(1, batch_size)))
         n_hosts = len(set(plan.values()))
         limit = self.max_in_flight or 2 * n_hosts * self.replicas
         active: list[_Batch] = []
         running: dict[Any, _Step] = {}
         busy: set[tuple[str, int]] = set()
         results: dict[int, ItemResult] = {}
-        position = {id(it): i for i, it in enumerate(items)}
         parents = {name: [e.source for e in graph.incoming(name)] for name in graph.order}
 
         def emit(kind: str, step_batch: _Batch, node: str, host: tuple[str, int]) -> None:
@@ -535,8 +536,8 @@ class RayRuntime:
             self.stats["batches"] += 1
             if writer is not None:
                 writer.write(records)
-            for it, r in zip(b.items, records):
-                results[position[id(it)]] = r
+            for i, r in zip(b.index, records):
+                results[i] = r
                 if on_result is not None:
                     on_result(r)
 
@@ -556,10 +557,10 @@ class RayRuntime:
             b.finished = True
             active.remove(b)
             self._discard(plan, b, held=True)
-            again = [_Batch(b.seq, b.items, attempt=b.attempt + 1)]
+            again = [_Batch(b.seq, b.items, b.index, attempt=b.attempt + 1)]
             if b.attempt >= 1 and len(b.items) > 1:  # keeps failing: isolate the item that breaks the host
                 self.stats["splits"] += 1
-                again = [_Batch(next(seq), [it], attempt=b.attempt + 1) for it in b.items]
+                again = [_Batch(next(seq), [it], [i], attempt=b.attempt + 1) for it, i in zip(b.items, b.index)]
             queue.extendleft(reversed(again))
 
         def submit(b: _Batch, node: str) -> None:
