@@ -23,10 +23,12 @@ OUT=${OUT:-$PWD/out/ray_job.jsonl}
 DATA_DIR=${DATA_DIR:-${RELAY_DATA_DIR:-$(cd .. && pwd)/shared/data}}
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"  # the job's `relay` and python: this checkout's venv
 
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # every Ray process binds to 127.0.0.1 only
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # the job client sends the cluster's token (~/.ray/auth_token)
 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --num-cpus="$NUM_CPUS" --object-store-memory=$((512 * 1024 * 1024)) --disable-usage-stats
+# note: `ray stop` stops every Ray process of this user on the machine, not only this head
 trap '"$RAY" stop' EXIT
 
 # The job runs on the cluster with this folder as its working directory; `--address auto` makes the relay
