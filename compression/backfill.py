@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from compression.selectors import Gathered, Selection
+from compression.selectors import Gathered, Selection, gather_tokens
 from relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
@@ -113,10 +113,7 @@ def _masked_order(mask: torch.Tensor, count: int) -> torch.Tensor:
 
 def _gather_rows(values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     """``values[l][b, h, index[l, b, h, j]]`` stacked to ``[L, B, H, J, d]`` float32."""
-    d = values[0].shape[-1]
-    return torch.stack(
-        [v.gather(2, index[i][..., None].expand(*index[i].shape, d)).float() for i, v in enumerate(values)]
-    )
+    return torch.stack([gather_tokens(v, index[i]) for i, v in enumerate(values)]).float()
 
 
 def _weights_hat(weights: torch.Tensor, evict: torch.Tensor, aggregate: str) -> torch.Tensor:
@@ -194,33 +191,28 @@ def _start_block(d: int, width: int, seed: int, device, dtype) -> torch.Tensor:
     return torch.linalg.qr(z).Q.to(device=device, dtype=dtype)
 
 
-def top_directions_subspace(
-    gram: torch.Tensor, p: int, cfg: BackfillConfig, solvable: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Top-``p`` eigenvectors of symmetric ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
+def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> torch.Tensor:
+    """Top-``p`` eigenvectors of symmetric PSD ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
 
     Orthogonal (subspace) iteration of width ``p + oversample`` from a fixed seeded start block, re-orthonormalised
-    every ``orth_every`` steps, then Rayleigh-Ritz (METHODS.md §3 fast path), all problems in one batch.
+    every ``orth_every`` steps, then Rayleigh-Ritz (METHODS.md §3 fast path), all problems in one batch. With the
+    default ``orth_every=2`` the two products between re-orthonormalisations are one product with ``G^2``.
     """
     n, d, _ = gram.shape
     width = min(d, p + cfg.oversample)
-    z = _start_block(d, width, cfg.seed, gram.device, gram.dtype).expand(n, d, width)
-    norm = torch.linalg.matrix_norm(gram)
-    ok = torch.isfinite(norm) & (norm > 0)
-    if solvable is not None:
-        ok = ok & solvable
-    inv = torch.where(ok, 1.0 / norm.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(norm))
-    g = gram * inv[:, None, None]  # normalised (keeps the iterates in range); unsolvable problems -> 0
-    step, reps = g, cfg.iterations
+    # Iterates are kept transposed (zt = Z^T, row-major), so Z = zt.mT is column-major, the layout LAPACK's QR
+    # wants (no copies); G is symmetric, so (G Z)^T = Z^T G.
+    zt = _start_block(d, width, cfg.seed, gram.device, gram.dtype).mT.expand(n, width, d)
+    step, reps = gram, cfg.iterations
     if cfg.orth_every == 2 and cfg.iterations % 2 == 0:
-        step, reps = g @ g, cfg.iterations // 2  # G^2 once: half the skinny products, same iterates
+        step, reps = gram @ gram, cfg.iterations // 2
     for i in range(reps):
-        z = step @ z
-        if step is not g or (i + 1) % cfg.orth_every == 0 or i + 1 == reps:
-            z = torch.linalg.qr(z).Q
-    t = z.mT @ (g @ z)
-    _, u = torch.linalg.eigh(0.5 * (t + t.mT))
-    return (z @ u[..., -p:]).mT
+        zt = zt @ step
+        if step is not gram or (i + 1) % cfg.orth_every == 0 or i + 1 == reps:
+            zt = torch.linalg.qr(zt.mT).Q.mT
+    t = (zt @ gram) @ zt.mT
+    _, u = torch.linalg.eigh(torch.nan_to_num(0.5 * (t + t.mT)))
+    return u[..., -p:].mT @ zt
 
 
 def top_directions_eigh(gram: torch.Tensor, p: int, solvable: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,7 +245,7 @@ def _solve_gram(gram, r, r_norm, y_norm, cfg):
         if cfg.solver == "eigh":
             c = top_directions_eigh(gram, cfg.rank, solvable)
         else:
-            c = top_directions_subspace(gram, cfg.rank, cfg, solvable)
+            c = top_directions_subspace(gram, cfg.rank, cfg)
     return r, c, r_norm, y_norm
 
 
@@ -278,10 +270,11 @@ def _residual_gram(
     y2 = torch.empty(n_layers, b, h, device=dev)
     for i, v in enumerate(values):
         m = evict[i, :, :, lo:hi, None].to(torch.float32)  # [B, H, Tp, 1]
-        y = v[:, :, lo:hi].to(torch.float32).reshape(b * h, hi - lo, d)  # may alias an fp32 cache: no in-place
+        y = v[:, :, lo:hi].to(torch.float32, copy=True).reshape(b * h, hi - lo, d)  # fresh: edited in place
         if project:
-            coef = y @ qt[i].reshape(b * h, -1, d).mT  # Y Q   [B*H, Tp, k]
-            res = torch.baddbmm(y, coef, qt[i].reshape(b * h, -1, d), alpha=-1.0).view(b, h, hi - lo, d)
+            qt_i = qt[i].reshape(b * h, -1, d)
+            coef = y @ qt_i.mT  # Y Q   [B*H, Tp, k]
+            res = y.baddbmm_(coef, qt_i, alpha=-1.0).view(b, h, hi - lo, d)
             res.mul_(m)  # R: evicted rows only
             # ||Y||^2 = ||R||^2 + ||Y Q||^2 (the two parts are orthogonal)
             y2[i] = coef.view(b, h, hi - lo, -1).square().mul_(m).sum(dim=(-1, -2))
@@ -362,23 +355,30 @@ def orthogonal_backfill(
     )
 
 
-def apply_backfill(gathered: Gathered, result: BackfillResult) -> KVState:
-    """Add the shifts to the kept prompt values of the evicted memory; every other element is left bit-identical."""
+def apply_backfill(gathered: Gathered, result: BackfillResult, inplace: bool = False) -> KVState:
+    """Add the shifts to the kept prompt values of the evicted memory; every other element is left bit-identical.
+
+    Only the kept prompt rows are read and written (a row gather and an ``index_copy_`` per layer). With
+    ``inplace=True`` the values of ``gathered.memory`` (which eviction created) are edited instead of copied.
+    """
     mem = gathered.memory
     slots, valid = gathered.prompt_slots, gathered.prompt_slots_valid
     b, k = slots.shape
-    if k == 0:
+    if k == 0 or not bool(valid.any()):
         return mem
     t_out, h, d = mem.num_tokens, mem.num_kv_heads, mem.head_dim
-    touched = torch.zeros(b, t_out, dtype=torch.bool, device=mem.device)
-    touched.scatter_(1, slots, valid)
-    touched = touched[:, None, :, None]
-    idx = slots[:, None, :, None].expand(b, h, k, d)
+    flat = (slots[:, None, :] + (torch.arange(b * h, device=slots.device) * t_out).view(b, h, 1)).reshape(-1)
+    real = None if bool(valid.all()) else valid[:, None, :].expand(b, h, k).reshape(-1).nonzero().squeeze(1)
+    if real is not None:
+        flat = flat[real]
     values = []
     for i, v in enumerate(mem.values):
-        add = result.shift[i][:, :, None, :] * result.token_scale[i][..., None]  # [B, H, k, d]
-        full = torch.zeros(b, h, t_out, d, dtype=torch.float32, device=v.device).scatter_add_(2, idx, add)
-        values.append(torch.where(touched, (v.float() + full).to(v.dtype), v))
+        rows = gather_tokens(v, slots[:, None, :])  # [B, H, k, d]
+        add = result.shift[i][:, :, None, :] * result.token_scale[i][..., None]
+        new = (rows.float() + add).to(v.dtype).view(-1, d)
+        out = v if inplace else v.clone()
+        out.view(b * h * t_out, d).index_copy_(0, flat, new if real is None else new.index_select(0, real))
+        values.append(out)
     return replace(mem, values=values)
 
 

@@ -102,7 +102,7 @@ class _Scored(Method):
             return gathered.memory, metrics
         result = orthogonal_backfill(memory, selection, scores, cfg)
         metrics.update(result.diagnostics())
-        return apply_backfill(gathered, result), metrics
+        return apply_backfill(gathered, result, inplace=True), metrics
 
 
 class Headwise(_Scored):

@@ -149,19 +149,36 @@ def survivor_order(memory: KVState, selection: Selection) -> tuple[torch.Tensor,
     return order[..., :t_out], slot_valid
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` for ``x`` ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]``: ``[B, H, J, d]``.
+
+    One ``index_select`` of whole ``d``-rows on the flattened tensor (much faster on CPU than an elementwise
+    ``torch.gather`` with an index expanded along ``d``).
+    """
+    b, h, t, d = x.shape
+    j = index.shape[-1]
+    base = (torch.arange(b * h, device=x.device) * t).view(b, h, 1)
+    flat = (index.expand(b, h, j) + base).reshape(-1)
+    return x.reshape(b * h * t, d).index_select(0, flat).view(b, h, j, d)
+
+
 def gather_selection(memory: KVState, selection: Selection) -> Gathered:
     """Physically evict: gather the survivors of every layer and head (one ``torch.gather`` per layer)."""
     order, slot_valid = survivor_order(memory, selection)
     b, t_out = slot_valid.shape
-    h, d = memory.num_kv_heads, memory.head_dim
+    h = memory.num_kv_heads
     per_layer = order.shape[0] > 1
     keys, values = [], []
+    pad = ~slot_valid[:, None, :, None]
+    any_pad = bool(pad.any())
     for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
-        idx = order[i if per_layer else 0].expand(b, h, t_out)
-        idx4 = idx[..., None].expand(b, h, t_out, d)
-        mask = slot_valid[:, None, :, None]
-        keys.append(torch.where(mask, k.gather(2, idx4), torch.zeros((), dtype=k.dtype, device=k.device)))
-        values.append(torch.where(mask, v.gather(2, idx4), torch.zeros((), dtype=v.dtype, device=v.device)))
+        idx = order[i if per_layer else 0]
+        k_new, v_new = gather_tokens(k, idx), gather_tokens(v, idx)
+        if any_pad:  # padding slots hold zeros
+            k_new.masked_fill_(pad, 0)
+            v_new.masked_fill_(pad, 0)
+        keys.append(k_new)
+        values.append(v_new)
     slot_idx = order[0, :, 0]  # segment/owner are the same across layers and heads by construction
     segment = torch.where(slot_valid, memory.segment.gather(1, slot_idx), torch.zeros((), dtype=torch.int8))
     agent = torch.where(slot_valid, memory.agent.gather(1, slot_idx), torch.full((), -1, dtype=torch.int16))
