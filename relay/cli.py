@@ -42,6 +42,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="append per-item results to this JSONL file")
     p.add_argument("--resume", action="store_true", help="skip items already in --out for the same relay mode")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    p.add_argument("--dtype", default="bfloat16", help="model and memory dtype: bfloat16 | float16 | float32 (default: bfloat16)")
+    p.add_argument("--timeout", type=float, default=None, help="Ray: seconds a batch may run on hosts before it is abandoned")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runtime", default="local", choices=["local", "ray"], help="local process or Ray actors")
     p.add_argument("--address", default=None, help="Ray cluster address (with --runtime ray; default: a local loopback cluster)")
@@ -164,9 +166,11 @@ def _runtime(args):
     if args.runtime == "ray":
         from relay.runtime.ray_runtime import RayRuntime
 
-        return RayRuntime(args.model, latent=latent, decode=decode, device=args.device, address=args.address,
-                          placement=args.placement)
-    loaded = resolve_model(args.model, device=args.device)
+        from relay.runtime.ray_runtime import HostModel
+
+        return RayRuntime(HostModel(ref=args.model, dtype=args.dtype), latent=latent, decode=decode, device=args.device,
+                          address=args.address, placement=args.placement, timeout=args.timeout)
+    loaded = resolve_model(args.model, device=args.device, dtype=args.dtype)
     runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint, latent)
     return LocalRuntime(NodeExecutor(runner, decode), model_name=loaded.name)
 
