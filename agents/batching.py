@@ -57,7 +57,11 @@ def split_memory(memory: KVState, observation: Observation | None = None):
     items, observations = [], []
     for b in range(memory.batch_size):
         keep = memory.valid[b]
-        pos = memory.position[b : b + 1, keep] if not memory.per_head_positions else memory.position[:, b : b + 1][..., keep]
+        pos = (
+            memory.position[b : b + 1, keep]
+            if not memory.per_head_positions
+            else memory.position[:, b : b + 1][..., keep]
+        )
         items.append(
             KVState(
                 keys=[k[b : b + 1, :, keep].contiguous() for k in memory.keys],

@@ -53,7 +53,9 @@ class ModelRunner:
         self.config = model.config.get_text_config()
         self.num_layers = self.config.num_hidden_layers
         self.num_kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
-        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.head_dim = (
+            getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        )
         self.group_size = self.config.num_attention_heads // self.num_kv_heads
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1 << 30
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -164,7 +166,9 @@ class ModelRunner:
             if not bool(alive.any()):
                 break
             text = torch.full((memory.batch_size, 1), int(Segment.TEXT), device=self.device)
-            memory, hidden, _ = self._forward(memory, cache, self.embed(token[:, None]), alive[:, None], text, agent_idx)
+            memory, hidden, _ = self._forward(
+                memory, cache, self.embed(token[:, None]), alive[:, None], text, agent_idx
+            )
             logits = self.lm_head(hidden)
         return memory, picker.texts(), picker.counts()
 
@@ -230,7 +234,10 @@ class ModelRunner:
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for src in (getattr(self.tokenizer, "eos_token_id", None), getattr(self.model.generation_config, "eos_token_id", None)):
+        for src in (
+            getattr(self.tokenizer, "eos_token_id", None),
+            getattr(self.model.generation_config, "eos_token_id", None),
+        ):
             if isinstance(src, int):
                 ids.add(src)
             elif isinstance(src, (list, tuple)):

@@ -30,25 +30,47 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa (default: gsm8k)")
     p.add_argument("--n", type=int, default=20, help="number of task items, from the start of the file (default: 20)")
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, Hugging Face id/folder, or .gguf (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"bundled name, Hugging Face id/folder, or .gguf (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--latent-steps", type=int, default=10, help="latent thoughts per latent agent (default: 10)")
-    p.add_argument("--latent-input", default="soft", choices=["soft", "hidden", "realign"],
-                   help="how a hidden state becomes the next input: soft tokens, norm-rescaled hidden state, or "
-                        "hidden state with ridge realignment (default: soft)")
+    p.add_argument(
+        "--latent-input",
+        default="soft",
+        choices=["soft", "hidden", "realign"],
+        help="how a hidden state becomes the next input: soft tokens, norm-rescaled hidden state, or "
+        "hidden state with ridge realignment (default: soft)",
+    )
     p.add_argument("--soft-temperature", type=float, default=1.0, help="temperature of soft tokens (default: 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=384, help="decoding budget of text-producing agents (default: 384)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=384, help="decoding budget of text-producing agents (default: 384)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="items per forward (default: 4)")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $RELAY_DATA_DIR or ../shared/data)")
+    p.add_argument(
+        "--data-dir", default=None, help="benchmark data folder (default: $RELAY_DATA_DIR or ../shared/data)"
+    )
     p.add_argument("--out", default=None, help="append per-item results to this JSONL file")
     p.add_argument("--resume", action="store_true", help="skip items already in --out for the same relay mode")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    p.add_argument("--dtype", default="bfloat16", help="model and memory dtype: bfloat16 | float16 | float32 (default: bfloat16)")
-    p.add_argument("--timeout", type=float, default=None, help="Ray: seconds a batch may run on hosts before it is abandoned")
+    p.add_argument(
+        "--dtype", default="bfloat16", help="model and memory dtype: bfloat16 | float16 | float32 (default: bfloat16)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="Ray: seconds a batch may run on hosts before it is abandoned"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runtime", default="local", choices=["local", "ray"], help="local process or Ray actors")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --runtime ray; default: a local loopback cluster)")
-    p.add_argument("--placement", default="shared", choices=["shared", "per-node"],
-                   help="Ray: all roles on one model host, or one host per node (default: shared)")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (with --runtime ray; default: a local loopback cluster)"
+    )
+    p.add_argument(
+        "--placement",
+        default="shared",
+        choices=["shared", "per-node"],
+        help="Ray: all roles on one model host, or one host per node (default: shared)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--relay", default="latent", help="text | latent | latent+<recipe> (default: latent)")
     cmp_ = sub.add_parser("compare", help="run several relay modes on the same items, side by side")
     _add_run_options(cmp_)
-    cmp_.add_argument("--relay", action="append", default=None,
-                      help="relay mode to compare; repeat it (default: single, text, latent). 'single' is the "
-                           "one-agent baseline")
+    cmp_.add_argument(
+        "--relay",
+        action="append",
+        default=None,
+        help="relay mode to compare; repeat it (default: single, text, latent). 'single' is the one-agent baseline",
+    )
     inspect = sub.add_parser("inspect", help="print a wire packet's header in human terms")
     inspect.add_argument("file")
     sub.add_parser("models", help="list the bundled offline models and the cache folder")
@@ -123,8 +148,10 @@ def _run(args) -> int:
 
         torch.set_num_threads(args.threads)
     modes = _modes(args)
-    graphs = {m: build_graph("single" if m == "single" else args.graph, "latent" if m == "single" else m, args.latent_steps)
-              for m in modes}  # validates every graph and recipe before anything slow happens
+    graphs = {
+        m: build_graph("single" if m == "single" else args.graph, "latent" if m == "single" else m, args.latent_steps)
+        for m in modes
+    }  # validates every graph and recipe before anything slow happens
     task = get_task(args.task)
     items = task.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]
     writer = ResultWriter(args.out)
@@ -136,7 +163,10 @@ def _run(args) -> int:
             done = writer.done(mode)
             todo = [it for it in items if str(it.id) not in done]
             if len(todo) < len(items):
-                print(f"[{mode}] resuming: {len(items) - len(todo)} of {len(items)} items already in {args.out}", file=sys.stderr)
+                print(
+                    f"[{mode}] resuming: {len(items) - len(todo)} of {len(items)} items already in {args.out}",
+                    file=sys.stderr,
+                )
         started = time.perf_counter()
         results += _run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
         print(f"[{mode}] {len(todo)} items in {time.perf_counter() - started:.0f}s", file=sys.stderr)
@@ -154,22 +184,27 @@ def _run(args) -> int:
 
 
 def _runtime(args):
+    from agents.decoding import DecodeConfig
     from agents.latent import LatentInput
     from agents.models import resolve_model
     from agents.runner import ModelRunner
     from relay.runtime.local import LocalRuntime
     from relay.runtime.node import NodeExecutor
-    from agents.decoding import DecodeConfig
 
     latent = LatentInput(args.latent_input, temperature=args.soft_temperature)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
     if args.runtime == "ray":
-        from relay.runtime.ray_runtime import RayRuntime
+        from relay.runtime.ray_runtime import HostModel, RayRuntime
 
-        from relay.runtime.ray_runtime import HostModel
-
-        return RayRuntime(HostModel(ref=args.model, dtype=args.dtype), latent=latent, decode=decode, device=args.device,
-                          address=args.address, placement=args.placement, timeout=args.timeout)
+        return RayRuntime(
+            HostModel(ref=args.model, dtype=args.dtype),
+            latent=latent,
+            decode=decode,
+            device=args.device,
+            address=args.address,
+            placement=args.placement,
+            timeout=args.timeout,
+        )
     loaded = resolve_model(args.model, device=args.device, dtype=args.dtype)
     runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint, latent)
     return LocalRuntime(NodeExecutor(runner, decode), model_name=loaded.name)
@@ -180,8 +215,14 @@ def _run_mode(runtime, graph, task, items, mode, args, writer):
         return []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), desc=mode, unit="item", disable=args.quiet or not sys.stderr.isatty() and not os.environ.get("RELAY_PROGRESS"),
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(items),
+        desc=mode,
+        unit="item",
+        disable=args.quiet or not sys.stderr.isatty() and not os.environ.get("RELAY_PROGRESS"),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     correct = [0, 0]
 
     def on_result(r):

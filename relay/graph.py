@@ -203,7 +203,9 @@ def sequential(relay: str = "latent", latent_steps: int = 10) -> AgentGraph:
     )
 
 
-def hierarchical(relay: str = "latent", latent_steps: int = 10, experts: Sequence[str] = ("math", "science", "code")) -> AgentGraph:
+def hierarchical(
+    relay: str = "latent", latent_steps: int = 10, experts: Sequence[str] = ("math", "science", "code")
+) -> AgentGraph:
     """LatentMAS's hierarchical topology: domain experts each solve the task, a summarizer decides.
 
     Latent relay follows the reference code: the experts run one after another on the growing memory (expert i

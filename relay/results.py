@@ -41,7 +41,11 @@ class ResultWriter:
 
     def done(self, relay: str) -> set[str]:
         """Item ids already recorded for ``relay`` (for ``--resume``)."""
-        return {r.item_id for r in read_results(self.path) if r.relay == relay} if self.path and self.path.exists() else set()
+        return (
+            {r.item_id for r in read_results(self.path) if r.relay == relay}
+            if self.path and self.path.exists()
+            else set()
+        )
 
     def write(self, results: Iterable[ItemResult]) -> None:
         if self.path is None:

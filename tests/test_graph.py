@@ -22,8 +22,12 @@ def test_builders():
 def test_dag_parents_in_topological_order():
     g = AgentGraph(
         nodes=[Node(name=n) for n in ["d", "b", "a", "c"]],
-        edges=[Edge(source="a", target="b"), Edge(source="a", target="c", relay="text"),
-               Edge(source="c", target="d"), Edge(source="b", target="d", relay="text")],
+        edges=[
+            Edge(source="a", target="b"),
+            Edge(source="a", target="c", relay="text"),
+            Edge(source="c", target="d"),
+            Edge(source="b", target="d", relay="text"),
+        ],
     )
     assert g.order.index("a") < g.order.index("b") < g.order.index("d")
     assert [e.source for e in g.incoming("d")] == sorted(["b", "c"], key=g.order.index)
@@ -50,7 +54,10 @@ def test_invalid_graphs_raise_graph_error(nodes, edges, message):
 def test_mixed_model_latent_edge_and_bad_relay_modes():
     with pytest.raises(GraphError, match="different models"):
         AgentGraph(nodes=[Node(name="a", model="m1"), Node(name="b", model="m2")], edges=[Edge(source="a", target="b")])
-    AgentGraph(nodes=[Node(name="a", model="m1"), Node(name="b", model="m2")], edges=[Edge(source="a", target="b", relay="text")])
+    AgentGraph(
+        nodes=[Node(name="a", model="m1"), Node(name="b", model="m2")],
+        edges=[Edge(source="a", target="b", relay="text")],
+    )
     with pytest.raises(GraphError, match="relay mode"):
         Edge(source="a", target="b", relay="telepathy")
     with pytest.raises(GraphError, match="unknown graph"):

@@ -12,8 +12,8 @@ from relay.runtime.node import NodeExecutor
 
 @pytest.fixture(scope="module")
 def runtime():
-    from agents.models import resolve_model
     from agents.model_errors import ModelReferenceError
+    from agents.models import resolve_model
 
     try:
         loaded = resolve_model("smollm2-135m")

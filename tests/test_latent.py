@@ -15,7 +15,9 @@ def test_realignment_matrix_is_the_ridge_solution():
     w_a = realignment_matrix(w_out, w_in, lam)
     # normal equations of argmin ||W_out W - W_in||^2 + lam ||W||^2
     torch.testing.assert_close((w_out.T @ w_out + lam * torch.eye(16)) @ w_a, w_out.T @ w_in, atol=1e-3, rtol=1e-4)
-    ref = torch.linalg.lstsq(torch.cat([w_out, lam**0.5 * torch.eye(16)]), torch.cat([w_in, torch.zeros(16, 16)])).solution
+    ref = torch.linalg.lstsq(
+        torch.cat([w_out, lam**0.5 * torch.eye(16)]), torch.cat([w_in, torch.zeros(16, 16)])
+    ).solution
     torch.testing.assert_close(w_a, ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(realignment_matrix(w_in, w_in, 1e-5), torch.eye(16), atol=1e-3)  # tied: ~identity
 

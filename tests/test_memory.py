@@ -42,8 +42,11 @@ def test_prefill_after_eviction_continues_after_largest_original_position(arch):
     memory = _memory_from(model, ids, fingerprint="")
     kept = torch.tensor([0, 1, 2, 5, 6, 9])  # slots 3, 4, 7, 8 evicted; the last token (position 9) survives
     evicted = KVState(
-        keys=[k[:, :, kept] for k in memory.keys], values=[v[:, :, kept] for v in memory.values],
-        segment=memory.segment[:, kept], agent=memory.agent[:, kept], position=memory.position[:, kept],
+        keys=[k[:, :, kept] for k in memory.keys],
+        values=[v[:, :, kept] for v in memory.values],
+        segment=memory.segment[:, kept],
+        agent=memory.agent[:, kept],
+        position=memory.position[:, kept],
         agents=memory.agents,
     )
     assert int(evicted.next_position()) == 10
@@ -58,7 +61,9 @@ def test_prefill_after_eviction_continues_after_largest_original_position(arch):
     ref = model(input_ids=seq, attention_mask=mask, use_cache=True).cache
     for layer in range(got.num_layers):
         torch.testing.assert_close(got.keys[layer][:, :, -4:], ref.layers[layer].keys[:, :, 10:], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got.values[layer][:, :, -4:], ref.layers[layer].values[:, :, 10:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            got.values[layer][:, :, -4:], ref.layers[layer].values[:, :, 10:], atol=1e-5, rtol=1e-4
+        )
 
 
 def test_batched_step_equals_single_items_and_padding_never_travels():
@@ -71,7 +76,9 @@ def test_batched_step_equals_single_items_and_padding_never_travels():
         assert m.num_tokens == len(p) + 3 and bool(m.valid.all())
         for k1, k2 in zip(m.keys + m.values, s.keys + s.values):
             torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(batched.observations[b].attention, single.observations[0].attention, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            batched.observations[b].attention, single.observations[0].attention, atol=1e-5, rtol=1e-4
+        )
     # a second agent on the ragged memories: still equal to one-at-a-time
     second = runner.step(batched.memories, [[1, 2, 3], [4, 5], [6]], "b", thoughts=2)
     alone = runner.step([batched.memories[1]], [[4, 5]], "b", thoughts=2)

@@ -54,7 +54,14 @@ class LocalRuntime:
         n = len(items)
         inbox: dict[str, list[list]] = {name: [[] for _ in range(n)] for name in graph.order}
         records = [
-            ItemResult(item_id=str(it.id), task=task.name, graph=graph.name, relay=relay, model=self.model_name, gold=str(it.gold))
+            ItemResult(
+                item_id=str(it.id),
+                task=task.name,
+                graph=graph.name,
+                relay=relay,
+                model=self.model_name,
+                gold=str(it.gold),
+            )
             for it in items
         ]
         questions = [it.question for it in items]
@@ -84,6 +91,11 @@ class LocalRuntime:
 
     def _failed(self, graph, task, item, relay, err) -> ItemResult:
         return ItemResult(
-            item_id=str(item.id), task=task.name, graph=graph.name, relay=relay, model=self.model_name,
-            gold=str(item.gold), error=f"{type(err).__name__}: {err}",
+            item_id=str(item.id),
+            task=task.name,
+            graph=graph.name,
+            relay=relay,
+            model=self.model_name,
+            gold=str(item.gold),
+            error=f"{type(err).__name__}: {err}",
         )

@@ -8,7 +8,7 @@ concatenated in topological order of their senders, text messages become labelle
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from agents.decoding import DecodeConfig
@@ -25,13 +25,6 @@ def edge_key(source: str, target: str) -> str:
     return f"{source}->{target}"
 
 
-def wire_size(message: Message) -> int:
-    """Bytes the message occupies on the wire (its encoded packet)."""
-    from relay.wire import encode
-
-    return len(encode(message))
-
-
 @dataclass
 class NodeOutput:
     """One node's results for a batch: per-item messages per out-edge, texts, tokens, and costs."""
@@ -43,6 +36,7 @@ class NodeOutput:
     seconds: float = 0.0
     edge_bytes: dict[str, list[int]] = field(default_factory=dict)
     edge_metrics: dict[str, list[dict]] = field(default_factory=dict)
+    packets: dict[str, list[bytes]] = field(default_factory=dict)  # encoded messages of the edges asked for
 
 
 class NodeExecutor:
@@ -60,8 +54,14 @@ class NodeExecutor:
         questions: Sequence[str],
         inboxes: Sequence[Sequence[Message]],
         answer_format: str = "",
+        keep_packets: Collection[str] = (),
     ) -> NodeOutput:
-        """Run node ``name`` for every item; ``inboxes[b]`` holds item ``b``'s messages in parent order."""
+        """Run node ``name`` for every item; ``inboxes[b]`` holds item ``b``'s messages in parent order.
+
+        Every message is encoded once to measure its wire size; the packets of the edges named in
+        ``keep_packets`` (those that cross to another process) are kept in ``NodeOutput.packets`` for sending."""
+        from relay.wire import encode
+
         start = time.perf_counter()
         node = graph.node(name)
         memories, prompts = [], []
@@ -87,16 +87,21 @@ class NodeExecutor:
         result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
         for e in edges:
             key = edge_key(e.source, e.target)
-            messages, sizes, metrics = [], [], []
+            messages, sizes, metrics, packets = [], [], [], []
             for b, memory in enumerate(out.memories):
                 if e.is_latent:
                     msg, info = self._latent_message(name, memory, out.observations, b, e.recipe)
                 else:
                     msg, info = TextMessage(name, [out.texts[b]]), {}
+                packet = encode(msg)
                 messages.append(msg)
-                sizes.append(wire_size(msg))
+                sizes.append(len(packet))
                 metrics.append(info)
+                if key in keep_packets:
+                    packets.append(packet)
             result.outgoing[key], result.edge_bytes[key], result.edge_metrics[key] = messages, sizes, metrics
+            if key in keep_packets:
+                result.packets[key] = packets
         result.seconds = time.perf_counter() - start
         return result
 

@@ -183,7 +183,7 @@ class ModelHost:
         """Run node ``name`` for one batch. ``inputs[i]`` is ``("local", edge)`` or ``("remote", j)``: the
         edge's messages are in this host's store, or are ``packets[j]``. Returns ``(meta, *packet_lists)``,
         one packet list per edge in ``exports``; other out-edges are kept here for the next same-host step."""
-        from relay.wire import decode, encode
+        from relay.wire import decode
 
         if self.error is not None:
             raise self.error
@@ -201,7 +201,7 @@ class ModelHost:
                 raise RayRuntimeError(f"edge {ref!r} brought {len(messages)} messages for {n} items")
             for b, m in enumerate(messages):
                 inboxes[b].append(m)
-        out = self.executor.run(graph, name, questions, inboxes, answer_format)
+        out = self.executor.run(graph, name, questions, inboxes, answer_format, keep_packets=exports)
         meta = {
             "texts": out.texts,
             "output_tokens": out.output_tokens,
@@ -218,7 +218,7 @@ class ModelHost:
                 continue
             self.store[f"{run_key}/{key}"] = messages
         for key in exports:
-            sent.append([encode(m) for m in out.outgoing[key]])
+            sent.append(out.packets[key])
         return (meta, *sent) if sent else meta
 
     def discard(self, run_key: str) -> int:
