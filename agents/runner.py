@@ -160,11 +160,11 @@ class ModelRunner:
     def _decode(self, memory, cache, logits, config: DecodeConfig, agent_idx):
         picker = TokenPicker(config, self.tokenizer, memory.batch_size, self._eos_ids())
         alive = torch.ones(memory.batch_size, dtype=torch.bool, device=self.device)
-        for _ in range(config.max_new_tokens):
+        for step in range(config.max_new_tokens):
             token = picker.pick(logits, alive)
             alive = alive & ~picker.finished
-            if not bool(alive.any()):
-                break
+            if not bool(alive.any()) or step == config.max_new_tokens - 1:
+                break  # the last token needs no forward: nothing reads its logits
             text = torch.full((memory.batch_size, 1), int(Segment.TEXT), device=self.device)
             memory, hidden, _ = self._forward(
                 memory, cache, self.embed(token[:, None]), alive[:, None], text, agent_idx
