@@ -205,6 +205,9 @@ def _runtime(args):
             placement=args.placement,
             timeout=args.timeout,
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress line says when the model is loaded
     loaded = resolve_model(args.model, device=args.device, dtype=args.dtype)
     runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint, latent)
     return LocalRuntime(NodeExecutor(runner, decode), model_name=loaded.name)
