@@ -31,7 +31,7 @@ import torch
 from compression.selectors import Gathered, Selection, gather_tokens
 from relay.memory import KVState
 
-Solver = Literal["exact", "subspace", "eigh"]
+Solver = Literal["exact", "subspace", "eigh", "sketch"]
 
 #: Published ablations (arXiv 2604.13349, Table "ablations") as config overrides.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -52,7 +52,10 @@ class BackfillConfig:
     ``scale``: ``ratio`` = ``A_d / A_s`` (paper), ``none`` = 1, ``share`` = ``A_d / (A_d + A_s)``.
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
-    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
+    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver; ``sketch`` caps its
+    products with ``R^T R`` at ``iterations``, checks the Ritz pairs from ``min_iterations`` on and stops a problem
+    once its estimated relative error on ``delta`` is below ``tol`` or its Ritz gap ``sigma_p / sigma_{p+1}`` is
+    below ``gap_floor`` (there the top-p subspace is not defined by the data, and no solver's answer is stable).
     ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
     orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """
@@ -67,6 +70,9 @@ class BackfillConfig:
     oversample: int = 10
     orth_every: int = 2
     seed: int = 0
+    min_iterations: int = 2
+    tol: float = 1e-4
+    gap_floor: float = 1.25
     eps: float = 1e-8
     residual_tol: float = 1e-3
 
@@ -218,9 +224,7 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
 def top_directions_eigh(gram: torch.Tensor, p: int, solvable: torch.Tensor | None = None) -> torch.Tensor:
     """Top-``p`` eigenvectors of ``gram`` ``[N, d, d]`` from one batched ``torch.linalg.eigh``: ``[N, p, d]``."""
     if solvable is not None:
-        gram = torch.where(
-            solvable[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device)
-        )
+        gram = torch.where(solvable[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
     _, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
     return u[..., -p:].mT
 
@@ -287,6 +291,183 @@ def _residual_gram(
     return gram, r, r_norm, y2.clamp_min(0).sqrt()
 
 
+# ------------------------------------------------------------------------------------ the sketch solver
+#: problems per block of the passes over ``Y``: a block is converted to float32 and both thin products of a step
+#: read it while it sits in L2 cache
+_SKETCH_BLOCK = 4
+
+
+def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR twice (the ``m x m`` parts in
+    float64), Householder QR where that fails (rank-deficient rows)."""
+    n, m, _ = w.shape
+    eye = torch.eye(m, dtype=torch.float64, device=w.device).expand(n, m, m)
+    z = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    bad = torch.zeros(n, dtype=torch.bool, device=w.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex((z @ z.mT).double())
+        bad |= info != 0
+        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        z = torch.nan_to_num(inv.to(w.dtype)) @ z
+    off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
+    bad |= off > 1e-5
+    if bool(bad.any()):
+        z = z.clone()
+        z[bad] = torch.linalg.qr(w[bad].mT).Q.mT
+    return z
+
+
+class _Values:
+    """One layer's values over the prompt span as ``[N, T, d]`` (any dtype) and the evicted-row mask
+    ``[N, 1, T]``; :meth:`products` streams them in float32 blocks."""
+
+    def __init__(self, v: torch.Tensor, m: torch.Tensor):
+        self.v, self.m = v, m
+        self.row_norm2 = torch.empty(v.shape[:2], device=v.device)
+
+    def products(self, zt=None, extra=None, active=None, norms=False, back=True):
+        """For the problems ``active`` (``None``: all): ``B^T = (Z^T Y^T) * m`` ``[n, w, T]`` (when ``zt``
+        ``[n, w, d]`` is given) and ``[B | extra]^T Y`` ``[n, w + e, d]`` (when ``back``; ``extra`` ``[n, e, T]``)."""
+        n = self.v.shape[0] if active is None else active.numel()
+        t, d = self.v.shape[1:]
+        w = 0 if zt is None else zt.shape[1]
+        bt = self.m.new_empty(n, w, t)
+        gt = self.m.new_empty(n, w + (0 if extra is None else extra.shape[1]), d) if back else None
+        for i in range(0, n, _SKETCH_BLOCK):
+            j = min(n, i + _SKETCH_BLOCK)
+            idx = slice(i, j) if active is None else active[i:j]
+            y = self.v[idx].to(torch.float32)
+            if norms:
+                self.row_norm2[idx] = torch.linalg.vector_norm(y, dim=-1).square()
+            lhs = []
+            if w:
+                lhs.append(torch.mul(torch.bmm(zt[i:j], y.mT), self.m[idx], out=bt[i:j]))
+            if extra is not None:
+                lhs.append(extra[i:j])
+            if back:
+                torch.bmm(lhs[0] if len(lhs) == 1 else torch.cat(lhs, dim=1), y, out=gt[i:j])
+        return bt, gt
+
+
+def _sketch_layer(
+    vals: _Values,
+    w_hat: torch.Tensor,
+    qt: torch.Tensor | None,
+    omega_t: torch.Tensor,
+    p: int | None,
+    cfg: BackfillConfig,
+):
+    """One layer's problems without forming ``R`` or ``R^T R``: ``R = Y_D P`` with ``P = I - Q^T Q`` applied to the
+    thin iterates only (``R Z = Y_D (P Z)``, ``R^T B = P (Y_D^T B)``); iterates are kept transposed (``Z^T``).
+
+    ``w_hat`` ``[N, T]``, ``qt`` ``[N, k, d]`` (``None``: no projection), ``omega_t`` ``[w, d]`` the seeded start
+    block. Randomized subspace iteration on ``G = R^T R``: each step is two thin products with ``Y`` (``B = R Z``,
+    ``G Z = R^T B``), Rayleigh-Ritz on ``B^T B``, and from ``min_iterations`` on a per-problem estimate of the
+    relative error of ``delta`` (Ritz residual over the Ritz gap); problems leave the batch once converged.
+    Returns ``r`` ``[N, d]``, ``C`` ``[N, p, d]`` (``None`` for all components), ``||R||_F``, ``||Y_D||_F``.
+    """
+    n, _, d = vals.v.shape
+    dev = vals.v.device
+
+    def proj(zt: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:  # (P Z)^T
+        return zt if q is None else zt - (zt @ q.mT) @ q
+
+    sketch = p is not None
+    w = omega_t.shape[0] if sketch else 0
+    start = proj(omega_t.expand(n, w, d), qt) if sketch else torch.zeros(n, 0, d, device=dev)
+    # the first step also gives c^T = Q Y_D^T (for ||R||) and w_hat^T Y_D (for r)
+    first = start if qt is None else torch.cat([start, qt], dim=1)
+    bt, gt = vals.products(first, extra=w_hat[:, None, :], norms=True)
+    ct = bt[:, w:]
+    y2 = (vals.row_norm2 * vals.m[:, 0]).sum(-1)
+    if qt is None:
+        r2 = y2
+    else:
+        # ||Y - c Q||^2 = ||Y||^2 - 2 ||c||^2 + <c^T c, Q Q^T> (exact for any Q); it cancels where R is small,
+        # so there ||R|| is computed from R itself
+        r2 = y2 - 2 * ct.square().sum(dim=(1, 2)) + ((ct @ ct.mT) * (qt @ qt.mT)).sum(dim=(1, 2))
+        small = r2 < 1e-2 * y2
+        if bool(small.any()):
+            ys, qs = vals.v[small].to(torch.float32), qt[small]
+            rs = (ys - (ys @ qs.mT) @ qs) * vals.m[small].mT
+            r2 = r2.clone()
+            r2[small] = torch.linalg.vector_norm(rs, dim=(1, 2)).square()
+    r_norm, y_norm = r2.clamp_min(0).sqrt(), y2.sqrt()
+    gt = proj(torch.cat([gt[:, :w], gt[:, -1:]], dim=1), qt)  # drop Y_D^T c; (G Omega)^T and r
+    r = gt[:, -1]
+    if not sketch:
+        return r, None, r_norm, y_norm
+
+    c_out = torch.zeros(n, p, d, device=dev)
+    solvable = r_norm > cfg.residual_tol * y_norm
+    c_out[~solvable] = omega_t[:p]  # any orthonormal rows: nothing is injected there
+    active = None if bool(solvable.all()) else solvable.nonzero().squeeze(1)
+    sub = (lambda x: x) if active is None else (lambda x: None if x is None else x[active])
+    gwt, qa, ra = sub(gt[:, :w]), sub(qt), sub(r)
+    steps = 1
+    while gwt.shape[0]:
+        zt = _orthonormalize_rows(gwt)
+        steps += 1
+        check = steps >= min(cfg.min_iterations, cfg.iterations)
+        bt, gwt = vals.products(proj(zt, qa), active=active, back=not check)
+        if not check:
+            gwt = proj(gwt, qa)  # (G Z)^T
+            continue
+        theta, u = torch.linalg.eigh(bt @ bt.mT)  # Rayleigh-Ritz on span(Z)
+        theta, u = theta.flip(-1).clamp_min(0), u.flip(-1)
+        upt = u[..., :p].mT
+        cpt = upt @ zt  # Ritz vectors as rows [n, p, d]
+        idx = torch.arange(zt.shape[0], device=dev) if active is None else active
+        # a Ritz gap sigma_p / sigma_{p+1} below gap_floor: the top-p subspace is not defined by the data, stop
+        done = theta[:, p - 1] <= cfg.gap_floor**2 * theta[:, p] if w > p else torch.zeros_like(idx, dtype=torch.bool)
+        if w >= d or steps >= cfg.iterations:
+            done = torch.ones_like(done)
+        c_out[idx[done]] = cpt[done]
+        if bool(done.all()):
+            break
+        go = (~done).nonzero().squeeze(1)
+        if bool(done.any()):
+            idx, ra, zt, bt, theta, u, upt, cpt = (x[go] for x in (idx, ra, zt, bt, theta, u, upt, cpt))
+            qa = None if qa is None else qa[go]
+        active = idx
+        # the others: G Z for the Ritz residual (a posteriori error estimate) and the next step
+        _, gwt = vals.products(extra=bt, active=active)
+        gwt = proj(gwt, qa)
+        res = torch.linalg.matrix_norm(upt @ gwt - theta[..., :p, None] * cpt)
+        gap = theta[:, p - 1] - theta[:, p]
+        inside = torch.linalg.vector_norm(cpt @ ra[..., None], dim=(1, 2))
+        err = res / gap.clamp_min(1e-30) * torch.linalg.vector_norm(ra, dim=-1) / inside.clamp_min(1e-30)
+        done = torch.nan_to_num(err, nan=float("inf")) < cfg.tol
+        c_out[idx[done]] = cpt[done]
+        keep = (~done).nonzero().squeeze(1)
+        active, ra = idx[keep], ra[keep]
+        qa = None if qa is None else qa[keep]
+        gwt = u[keep].mT @ gwt[keep]  # Ritz order: the top vectors lead the next orthonormalisation
+    return r, c_out, r_norm, y_norm
+
+
+def _solve_sketch(values, qt, evict, w_hat, prompt, cfg):
+    """The ``sketch`` solver over all layers (one batch of ``B * H`` problems per layer): r, C, norms."""
+    cols = prompt.any(dim=0).nonzero()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    n_layers, b, h = evict.shape[:3]
+    d = values[0].shape[-1]
+    p = None if _use_all_components(cfg, d) else cfg.rank
+    width = d if p is None else min(d, p + cfg.oversample)
+    omega_t = _start_block(d, width, cfg.seed, values[0].device, torch.float32).mT.contiguous()
+    outs = []
+    for i, v in enumerate(values):
+        vals = _Values(
+            v[:, :, lo:hi].reshape(b * h, hi - lo, d),
+            evict[i, :, :, lo:hi].reshape(b * h, 1, hi - lo).to(torch.float32),
+        )
+        wh = w_hat[i, :, :, lo:hi].reshape(b * h, hi - lo)
+        q = qt[i].reshape(b * h, -1, d) if cfg.project else None
+        outs.append(_sketch_layer(vals, wh, q, omega_t, p, cfg))
+    r, c, r_norm, y_norm = (None if o[0] is None else torch.cat(o) for o in zip(*outs))
+    return r, c, r_norm, y_norm
+
+
 # ---------------------------------------------------------------------------------------------- public
 def orthogonal_backfill(
     memory: KVState, selection: Selection, scores: torch.Tensor, config: BackfillConfig
@@ -324,11 +505,12 @@ def orthogonal_backfill(
         wd = w_hat.gather(-1, ev_idx).reshape(n_prob, n_max)
         y = y * (torch.arange(n_max, device=y.device)[None, :] < n_evict.reshape(-1, 1))[..., None]
         r, c, r_norm, y_norm = _solve_exact(x, qt, y, wd, config)
+    elif config.solver == "sketch":
+        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
+        r, c, r_norm, y_norm = _solve_sketch(memory.values, qt, evict, w_hat, selection.prompt, config)
     else:
         qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d)
-        gram, r, r_norm, y_norm = _residual_gram(
-            memory.values, qt, evict, w_hat, selection.prompt, config.project
-        )
+        gram, r, r_norm, y_norm = _residual_gram(memory.values, qt, evict, w_hat, selection.prompt, config.project)
         r, c, r_norm, y_norm = _solve_gram(
             gram.reshape(n_prob, d, d), r.reshape(n_prob, d), r_norm.reshape(-1), y_norm.reshape(-1), config
         )

@@ -65,7 +65,7 @@ def resolvable(r, y, cfg, floor=0.01):
 configs = st.builds(
     BackfillConfig,
     rank=st.sampled_from([1, 2, 4, None]),
-    solver=st.sampled_from(["exact", "subspace", "eigh"]),
+    solver=st.sampled_from(["exact", "subspace", "eigh", "sketch"]),
     inject=st.sampled_from(["uniform", "attention"]),
     scale=st.sampled_from(["ratio", "none", "share"]),
     project=st.booleans(),
@@ -112,7 +112,7 @@ def test_delta_is_orthogonal_to_kept_values_and_in_top_residual_directions(lay, 
 
 
 @settings(max_examples=12, deadline=None)
-@given(layouts(), st.integers(1, 6), st.booleans(), st.sampled_from(["subspace", "exact"]))
+@given(layouts(), st.integers(1, 6), st.booleans(), st.sampled_from(["subspace", "exact", "sketch"]))
 def test_only_kept_prompt_values_change_all_by_the_same_vector(lay, budget, layerwise, solver):
     memory, scores, selection = setup(lay, budget, layerwise)
     gathered = gather_selection(memory, selection)
@@ -171,7 +171,7 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     basis = torch.randn(2, 8, generator=gen)  # every value in a 2-dim subspace; 4 kept tokens span it
     for v in memory.values:
         v.copy_(torch.randn(*v.shape[:3], 2, generator=gen) @ basis)
-    for solver in ("exact", "subspace"):
+    for solver in ("exact", "subspace", "sketch"):
         res = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
         assert not bool(res.applied.any()) and bool((res.shift == 0).all())
         assert res.diagnostics()["obf_injected_norm"] == 0.0
@@ -187,8 +187,9 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     st.integers(20, 40),
     st.sampled_from([2, 4]),
     st.integers(0, 999),
+    st.sampled_from(["subspace", "sketch"]),
 )
-def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, rank, seed):
+def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, rank, seed, solver):
     lay = Layout(
         batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed
     )
@@ -205,11 +206,11 @@ def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, ran
         v[..., d // 2 :] = torch.where(evicted, v[..., d // 2 :] + spikes, v[..., d // 2 :])
         v[..., d // 2 :] = torch.where(keep[li][..., None], 0.0, v[..., d // 2 :])
     exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver="exact"))
-    fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver="subspace"))
+    fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver=solver))
     checked = 0
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
         r = residual(x, y)
-        if not well_separated(r, rank) or not resolvable(r, y, BackfillConfig(solver="subspace")):
+        if not well_separated(r, rank) or not resolvable(r, y, BackfillConfig(solver=solver)):
             continue
         checked += 1
         ref = exact.shift[li, b, h]
