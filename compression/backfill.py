@@ -167,12 +167,14 @@ def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     valid = torch.arange(k, device=x.device)[None, :] < kept[:, None]
     x64 = x.double()
     a = x64 @ x64.mT
-    a = a + torch.diag_embed((~valid).to(a.dtype))
+    a.diagonal(dim1=-2, dim2=-1).add_((~valid).to(a.dtype))
     chol, info = torch.linalg.cholesky_ex(a)
-    qt = torch.linalg.solve_triangular(chol.float(), x, upper=False)
+    eye = torch.eye(k, dtype=a.dtype, device=x.device).expand(n, k, k)
+    qt = torch.linalg.solve_triangular(chol, eye, upper=False).to(x.dtype) @ x  # L^-1 (k x k) applied by a matmul
     # ill-conditioned kept values lose orthogonality in fp32: check Q^T Q = I (cheap, k x k) and fall back
-    eye = torch.diag_embed(valid.to(qt.dtype))
-    off = torch.nan_to_num((qt @ qt.mT - eye).abs(), nan=1.0).amax(dim=(1, 2))
+    gram = qt @ qt.mT
+    gram.diagonal(dim1=-2, dim2=-1).sub_(valid.to(qt.dtype))
+    off = torch.nan_to_num(gram.abs_(), nan=1.0).amax(dim=(1, 2))
     bad = (info != 0) | (off > 1e-4)
     if bool(bad.any()):
         qt = qt.clone()
@@ -318,34 +320,50 @@ def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 class _Values:
-    """One layer's values over the prompt span as ``[N, T, d]`` (any dtype) and the evicted-row mask
-    ``[N, 1, T]``; :meth:`products` streams them in float32 blocks."""
+    """One layer's values over the prompt span ``v`` ``[N, T, d]`` (any dtype) and the evicted-row mask ``m``
+    ``[N, 1, T]``. :meth:`products` streams them in blocks; the first pass converts them into ``buf`` (float32,
+    reused across layers), later passes read that."""
 
-    def __init__(self, v: torch.Tensor, m: torch.Tensor):
+    def __init__(self, v: torch.Tensor, m: torch.Tensor, buf: torch.Tensor | None):
         self.v, self.m = v, m
+        self.y = v if v.dtype == torch.float32 or buf is None else None
+        self.buf = buf
         self.row_norm2 = torch.empty(v.shape[:2], device=v.device)
 
-    def products(self, zt=None, extra=None, active=None, norms=False, back=True):
+    def _block(self, idx):
+        if self.y is not None:
+            return self.y[idx]
+        if isinstance(idx, slice):  # first pass: convert into the buffer
+            return self.buf[idx].copy_(self.v[idx])
+        return self.buf[idx]
+
+    def products(self, zt=None, back_rows=None, extra=None, active=None, norms=False, back=True):
         """For the problems ``active`` (``None``: all): ``B^T = (Z^T Y^T) * m`` ``[n, w, T]`` (when ``zt``
-        ``[n, w, d]`` is given) and ``[B | extra]^T Y`` ``[n, w + e, d]`` (when ``back``; ``extra`` ``[n, e, T]``)."""
+        ``[n, w, d]`` is given) and ``[B[:, :back_rows] | extra]^T Y`` ``[n, back_rows + e, d]`` (when ``back``;
+        ``extra`` ``[n, e, T]``)."""
         n = self.v.shape[0] if active is None else active.numel()
         t, d = self.v.shape[1:]
         w = 0 if zt is None else zt.shape[1]
+        rows = w if back_rows is None else back_rows
         bt = self.m.new_empty(n, w, t)
-        gt = self.m.new_empty(n, w + (0 if extra is None else extra.shape[1]), d) if back else None
+        gt = self.m.new_empty(n, rows + (0 if extra is None else extra.shape[1]), d) if back else None
         for i in range(0, n, _SKETCH_BLOCK):
             j = min(n, i + _SKETCH_BLOCK)
             idx = slice(i, j) if active is None else active[i:j]
-            y = self.v[idx].to(torch.float32)
+            y = self._block(idx)
             if norms:
                 self.row_norm2[idx] = torch.linalg.vector_norm(y, dim=-1).square()
             lhs = []
             if w:
-                lhs.append(torch.mul(torch.bmm(zt[i:j], y.mT), self.m[idx], out=bt[i:j]))
+                b = torch.mul(torch.bmm(zt[i:j], y.mT), self.m[idx], out=bt[i:j])
+                if rows:
+                    lhs.append(b[:, :rows])
             if extra is not None:
                 lhs.append(extra[i:j])
             if back:
                 torch.bmm(lhs[0] if len(lhs) == 1 else torch.cat(lhs, dim=1), y, out=gt[i:j])
+        if self.y is None and active is None:
+            self.y = self.buf
         return bt, gt
 
 
@@ -377,7 +395,7 @@ def _sketch_layer(
     start = proj(omega_t.expand(n, w, d), qt) if sketch else torch.zeros(n, 0, d, device=dev)
     # the first step also gives c^T = Q Y_D^T (for ||R||) and w_hat^T Y_D (for r)
     first = start if qt is None else torch.cat([start, qt], dim=1)
-    bt, gt = vals.products(first, extra=w_hat[:, None, :], norms=True)
+    bt, gt = vals.products(first, back_rows=w, extra=w_hat[:, None, :], norms=True)
     ct = bt[:, w:]
     y2 = (vals.row_norm2 * vals.m[:, 0]).sum(-1)
     if qt is None:
@@ -388,12 +406,12 @@ def _sketch_layer(
         r2 = y2 - 2 * ct.square().sum(dim=(1, 2)) + ((ct @ ct.mT) * (qt @ qt.mT)).sum(dim=(1, 2))
         small = r2 < 1e-2 * y2
         if bool(small.any()):
-            ys, qs = vals.v[small].to(torch.float32), qt[small]
+            ys, qs = vals.y[small], qt[small]
             rs = (ys - (ys @ qs.mT) @ qs) * vals.m[small].mT
             r2 = r2.clone()
             r2[small] = torch.linalg.vector_norm(rs, dim=(1, 2)).square()
     r_norm, y_norm = r2.clamp_min(0).sqrt(), y2.sqrt()
-    gt = proj(torch.cat([gt[:, :w], gt[:, -1:]], dim=1), qt)  # drop Y_D^T c; (G Omega)^T and r
+    gt = proj(gt, qt)  # (G Omega)^T and r
     r = gt[:, -1]
     if not sketch:
         return r, None, r_norm, y_norm
@@ -456,10 +474,12 @@ def _solve_sketch(values, qt, evict, w_hat, prompt, cfg):
     width = d if p is None else min(d, p + cfg.oversample)
     omega_t = _start_block(d, width, cfg.seed, values[0].device, torch.float32).mT.contiguous()
     outs = []
+    buf = torch.empty(b * h, hi - lo, d, device=values[0].device)
     for i, v in enumerate(values):
         vals = _Values(
             v[:, :, lo:hi].reshape(b * h, hi - lo, d),
             evict[i, :, :, lo:hi].reshape(b * h, 1, hi - lo).to(torch.float32),
+            buf,
         )
         wh = w_hat[i, :, :, lo:hi].reshape(b * h, hi - lo)
         q = qt[i].reshape(b * h, -1, d) if cfg.project else None
