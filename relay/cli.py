@@ -2,6 +2,7 @@
 
     relay run --graph sequential --relay latent --task gsm8k --n 20 --out results.jsonl
     relay compare --relay single --relay text --relay latent --task gsm8k --n 20
+    relay report results.jsonl
     relay inspect packet.bin
     relay models
 
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="relay mode to compare; repeat it (default: single, text, latent). 'single' is the one-agent baseline",
     )
+    report = sub.add_parser("report", help="print the side-by-side table of one or more results files")
+    report.add_argument("files", nargs="+", help="JSONL files written by --out")
     inspect = sub.add_parser("inspect", help="print a wire packet's header in human terms")
     inspect.add_argument("file")
     sub.add_parser("models", help="list the bundled offline models and the cache folder")
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args.file)
+        if args.command == "report":
+            return _report(args.files)
         if args.command == "models":
             return _models()
         return _run(args)
@@ -116,6 +121,21 @@ def _inspect(path: str) -> int:
     from relay.wire import describe
 
     print(describe(Path(path).read_bytes()))
+    return 0
+
+
+def _report(files: list[str]) -> int:
+    from relay.results import read_results, summarize
+
+    results = [r for f in files for r in read_results(f)]
+    if not results:
+        raise UsageError("no records in " + ", ".join(files))
+    for task in sorted({r.task for r in results}):
+        rows = [r for r in results if r.task == task]
+        graphs = ", ".join(sorted({r.graph for r in rows}))
+        models = ", ".join(sorted({r.model for r in rows if r.model}))
+        print(f"{task}, {len({r.item_id for r in rows})} items, graphs {graphs}, model {models}")
+        print(summarize(rows))
     return 0
 
 

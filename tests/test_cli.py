@@ -64,3 +64,31 @@ def test_inspect_rejects_garbage(tmp_path):
     bad.write_bytes(b"not a packet at all")
     proc = _relay("inspect", str(bad))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_report_prints_one_row_per_relay_mode(tmp_path):
+    from relay.results import ItemResult, ResultWriter
+
+    out = tmp_path / "r.jsonl"
+    writer = ResultWriter(out)
+    writer.write(
+        [
+            ItemResult(
+                item_id=str(i), task="gsm8k", graph="sequential", relay="latent", correct=i == 0, relay_bytes=4000
+            )
+            for i in range(2)
+        ]
+    )
+    writer.write(
+        [
+            ItemResult(
+                item_id="0", task="gsm8k", graph="sequential", relay="latent+h:budget=8", correct=True, relay_bytes=1000
+            )
+        ]
+    )
+    proc = _relay("report", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("latent ") and "1/2 (50%)" in line for line in lines)
+    assert any(line.startswith("latent+h:budget=8") and "4.0x smaller" in line for line in lines)
+    _one_line_error(_relay("report", str(tmp_path / "missing.jsonl")), "missing.jsonl")

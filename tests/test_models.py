@@ -322,7 +322,7 @@ def test_build_once_failure_leaves_nothing_and_reuses_a_complete_folder(tmp_path
 
 @pytest.mark.slow
 def test_bundled_smollm2_loads_with_a_stable_fingerprint():
-    first = resolve_model("smollm2-135m")
+    first = resolve_model("smollm2-135m", dtype="float32")
     marker = json.loads((Path(first.source) / COMPLETE_MARKER).read_text())
     assert marker["source_sha256"] == BUNDLED["smollm2-135m"].sha256
     assert marker["fingerprints"]["float32"] == first.fingerprint
@@ -331,8 +331,8 @@ def test_bundled_smollm2_loads_with_a_stable_fingerprint():
     ids = first.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = first.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in first.tokenizer.decode(out[0, ids.shape[1]:])
-    assert resolve_model("smollm2-135m").fingerprint == first.fingerprint
-    half = resolve_model("smollm2-135m", dtype="bfloat16")
+    assert resolve_model("smollm2-135m", dtype="float32").fingerprint == first.fingerprint
+    half = resolve_model("smollm2-135m")  # bfloat16 by default
     assert half.dtype == torch.bfloat16 and half.fingerprint != first.fingerprint
     marker = json.loads((Path(first.source) / COMPLETE_MARKER).read_text())
     assert marker["fingerprints"]["bfloat16"] == half.fingerprint
