@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from relay.memory import KVState, Segment
+from relay.memory import KVState, MemoryShape, Segment
 
 AXES = ("channel", "token")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -162,7 +162,7 @@ def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tenso
 
 
 @dataclass
-class QuantizedMemory:
+class QuantizedMemory(MemoryShape):
     """A :class:`~relay.memory.KVState` with KIVI-quantized keys (per channel) and values (per token).
 
     The token table (segment, agent, position, agents, fingerprint) travels unchanged; ``dequantize()`` gives
@@ -180,30 +180,6 @@ class QuantizedMemory:
     @property
     def bits(self) -> int:
         return self.keys[0].bits if self.keys else 8
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.segment.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.segment.shape[1])
-
-    @property
-    def num_kv_heads(self) -> int:
-        return int(self.keys[0].shape[1]) if self.keys else 0
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.keys[0].shape[3]) if self.keys else 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.keys[0].dtype if self.keys else torch.float32
 
     @property
     def nbytes(self) -> int:

@@ -40,22 +40,13 @@ class IncompatibleMemoryError(MemoryError_):
     """A memory made by one model was handed to another (fingerprints differ)."""
 
 
-@dataclass
-class KVState:
-    """Per-layer keys/values plus the token table; see the module docstring for the layout."""
+class MemoryShape:
+    """Shape queries shared by every form of a working memory (``KVState`` and its quantized packing): per-layer
+    ``keys`` whose elements have ``.shape`` ``[B, H_kv, T, d]`` and ``.dtype``, and a ``segment`` table."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    segment: torch.Tensor  # int8 [B, T]
-    agent: torch.Tensor  # int16 [B, T]; index into ``agents``; -1 for padding
-    position: torch.Tensor  # int64 [B, T] or [L, B, H_kv, T]
-    agents: list[str] = field(default_factory=list)
-    fingerprint: str = ""
+    keys: list
+    segment: torch.Tensor
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # ----------------------------------------------------------------- shape
     @property
     def num_layers(self) -> int:
         return len(self.keys)
@@ -79,6 +70,22 @@ class KVState:
     @property
     def dtype(self) -> torch.dtype:
         return self.keys[0].dtype if self.keys else torch.float32
+
+
+@dataclass
+class KVState(MemoryShape):
+    """Per-layer keys/values plus the token table; see the module docstring for the layout."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    segment: torch.Tensor  # int8 [B, T]
+    agent: torch.Tensor  # int16 [B, T]; index into ``agents``; -1 for padding
+    position: torch.Tensor  # int64 [B, T] or [L, B, H_kv, T]
+    agents: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @property
     def device(self) -> torch.device:

@@ -53,17 +53,7 @@ class LocalRuntime:
     def run_batch(self, graph: AgentGraph, task, items: Sequence, relay: str) -> list[ItemResult]:
         n = len(items)
         inbox: dict[str, list[list]] = {name: [[] for _ in range(n)] for name in graph.order}
-        records = [
-            ItemResult(
-                item_id=str(it.id),
-                task=task.name,
-                graph=graph.name,
-                relay=relay,
-                model=self.model_name,
-                gold=str(it.gold),
-            )
-            for it in items
-        ]
+        records = [self._record(graph, task, it, relay) for it in items]
         questions = [it.question for it in items]
         final_texts: list[str] = [""] * n
         for name in graph.order:
@@ -89,13 +79,11 @@ class LocalRuntime:
             r.relay_bytes = sum(r.edge_bytes.values())
         return records
 
-    def _failed(self, graph, task, item, relay, err) -> ItemResult:
+    def _record(self, graph, task, item, relay, error: str | None = None) -> ItemResult:
         return ItemResult(
-            item_id=str(item.id),
-            task=task.name,
-            graph=graph.name,
-            relay=relay,
-            model=self.model_name,
-            gold=str(item.gold),
-            error=f"{type(err).__name__}: {err}",
-        )
+            item_id=str(item.id), task=task.name, graph=graph.name, relay=relay, model=self.model_name,
+            gold=str(item.gold), error=error,
+        )  # fmt: skip
+
+    def _failed(self, graph, task, item, relay, err) -> ItemResult:
+        return self._record(graph, task, item, relay, error=f"{type(err).__name__}: {err}")
