@@ -319,6 +319,26 @@ def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def _krylov_ritz(kz: torch.Tensor, kb: torch.Tensor, w: int):
+    """Rayleigh-Ritz of ``G = R^T R`` on the row span of ``kz`` ``[n, m, d]`` from ``kb = kz R^T`` ``[n, m, T]``:
+    the top ``w`` Ritz values (descending) ``[n, w]``, Ritz vectors as rows ``[n, w, d]`` and their ``B`` rows.
+
+    The rows need not be orthonormal or independent: ``L^-1`` from the Cholesky factor of their Gram (with a
+    ``1e-5`` ridge, which drops dependent directions) is applied to ``kb`` before its Gram is formed, so rounding
+    in nearly dependent directions is not amplified."""
+    n, m, _ = kz.shape
+    gram = (kz @ kz.mT).double()
+    gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
+    chol, _ = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(m, dtype=torch.float64, device=kz.device).expand(n, m, m)
+    linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(kz.dtype)
+    kb_o = linv @ kb
+    theta, u = torch.linalg.eigh(kb_o @ kb_o.mT)
+    top = u.flip(-1)[..., :w].mT  # [n, w, m]
+    coef = top @ linv
+    return theta.flip(-1)[:, :w].clamp_min(0), coef @ kz, top @ kb_o
+
+
 class _Values:
     """One layer's values over the prompt span ``v`` ``[N, T, d]`` (any dtype) and the evicted-row mask ``m``
     ``[N, 1, T]``. :meth:`products` streams them in blocks; the first pass converts them into ``buf`` (float32,
@@ -421,21 +441,26 @@ def _sketch_layer(
     c_out[~solvable] = omega_t[:p]  # any orthonormal rows: nothing is injected there
     active = None if bool(solvable.all()) else solvable.nonzero().squeeze(1)
     sub = (lambda x: x) if active is None else (lambda x: None if x is None else x[active])
-    gwt, qa, ra = sub(gt[:, :w]), sub(qt), sub(r)
+    gwt, qa, ra, bt = sub(gt[:, :w]), sub(qt), sub(r), sub(bt[:, :w])
+    prev = (sub(start), bt)  # basis rows (P Omega: in the row space of R) and their B rows (B = R Z)
     steps = 1
     while gwt.shape[0]:
         zt = _orthonormalize_rows(gwt)
+        bt, _ = vals.products(proj(zt, qa), active=active, back=False)
         steps += 1
-        check = steps >= min(cfg.min_iterations, cfg.iterations)
-        bt, gwt = vals.products(proj(zt, qa), active=active, back=not check)
-        if not check:
-            gwt = proj(gwt, qa)  # (G Z)^T
-            continue
-        theta, u = torch.linalg.eigh(bt @ bt.mT)  # Rayleigh-Ritz on span(Z)
-        theta, u = theta.flip(-1).clamp_min(0), u.flip(-1)
-        upt = u[..., :p].mT
-        cpt = upt @ zt  # Ritz vectors as rows [n, p, d]
         idx = torch.arange(zt.shape[0], device=dev) if active is None else active
+        if steps < min(cfg.min_iterations, cfg.iterations):
+            prev = (zt, bt)
+            _, gwt = vals.products(extra=bt, active=active)
+            gwt = proj(gwt, qa)
+            continue
+        # Rayleigh-Ritz: the first time on the block Krylov space span(Z_prev, G Z_prev) (twice the width for no
+        # extra pass over Y), later on span(Z) (a Krylov basis of converging vectors is nearly dependent)
+        if prev is not None:
+            zt, bt = torch.cat([prev[0], zt], dim=1), torch.cat([prev[1], bt], dim=1)
+            prev = None
+        theta, zt, bt = _krylov_ritz(zt, bt, w)
+        cpt = zt[:, :p]  # Ritz vectors as rows [n, p, d]
         # a Ritz gap sigma_p / sigma_{p+1} below gap_floor: the top-p subspace is not defined by the data, stop
         done = theta[:, p - 1] <= cfg.gap_floor**2 * theta[:, p] if w > p else torch.zeros_like(idx, dtype=torch.bool)
         if w >= d or steps >= cfg.iterations:
@@ -443,24 +468,23 @@ def _sketch_layer(
         c_out[idx[done]] = cpt[done]
         if bool(done.all()):
             break
-        go = (~done).nonzero().squeeze(1)
         if bool(done.any()):
-            idx, ra, zt, bt, theta, u, upt, cpt = (x[go] for x in (idx, ra, zt, bt, theta, u, upt, cpt))
+            go = (~done).nonzero().squeeze(1)
+            idx, ra, zt, bt, theta, cpt = (x[go] for x in (idx, ra, zt, bt, theta, cpt))
             qa = None if qa is None else qa[go]
         active = idx
-        # the others: G Z for the Ritz residual (a posteriori error estimate) and the next step
+        # the others: G Z for the Ritz residuals (a posteriori error estimate) and the next step
         _, gwt = vals.products(extra=bt, active=active)
         gwt = proj(gwt, qa)
-        res = torch.linalg.matrix_norm(upt @ gwt - theta[..., :p, None] * cpt)
+        res = torch.linalg.matrix_norm(gwt[:, :p] - theta[:, :p, None] * cpt)
         gap = theta[:, p - 1] - theta[:, p]
         inside = torch.linalg.vector_norm(cpt @ ra[..., None], dim=(1, 2))
         err = res / gap.clamp_min(1e-30) * torch.linalg.vector_norm(ra, dim=-1) / inside.clamp_min(1e-30)
         done = torch.nan_to_num(err, nan=float("inf")) < cfg.tol
         c_out[idx[done]] = cpt[done]
         keep = (~done).nonzero().squeeze(1)
-        active, ra = idx[keep], ra[keep]
+        active, ra, gwt = idx[keep], ra[keep], gwt[keep]
         qa = None if qa is None else qa[keep]
-        gwt = u[keep].mT @ gwt[keep]  # Ritz order: the top vectors lead the next orthonormalisation
     return r, c_out, r_norm, y_norm
 
 
