@@ -319,24 +319,26 @@ def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _krylov_ritz(kz: torch.Tensor, kb: torch.Tensor, w: int):
-    """Rayleigh-Ritz of ``G = R^T R`` on the row span of ``kz`` ``[n, m, d]`` from ``kb = kz R^T`` ``[n, m, T]``:
-    the top ``w`` Ritz values (descending) ``[n, w]``, Ritz vectors as rows ``[n, w, d]`` and their ``B`` rows.
+def _ritz(zt: torch.Tensor, bt: torch.Tensor, w: int):
+    """Rayleigh-Ritz of ``G = R^T R`` on the span of the orthonormal rows ``zt`` ``[n, m, d]`` from ``bt = zt R^T``
+    ``[n, m, T]``: the top ``w`` Ritz values (descending), Ritz vectors as rows and their ``B`` rows."""
+    theta, u = torch.linalg.eigh(bt @ bt.mT)
+    top = u.flip(-1)[..., :w].mT
+    return theta.flip(-1)[:, :w].clamp_min(0), top @ zt, top @ bt
 
-    The rows need not be orthonormal or independent: ``L^-1`` from the Cholesky factor of their Gram (with a
-    ``1e-5`` ridge, which drops dependent directions) is applied to ``kb`` before its Gram is formed, so rounding
-    in nearly dependent directions is not amplified."""
+
+def _krylov_basis(kz: torch.Tensor, kb: torch.Tensor):
+    """For rows ``kz`` ``[n, m, d]`` that need not be orthonormal or independent and ``kb = kz R^T``: ``L^-1`` from
+    the Cholesky factor of their Gram (a ``1e-5`` ridge drops dependent directions) and ``L^-1 kb``, whose Gram is
+    ``G`` on that span in an orthonormal basis. ``L^-1`` is applied before the Gram is formed, so rounding in
+    nearly dependent directions is not amplified."""
     n, m, _ = kz.shape
     gram = (kz @ kz.mT).double()
     gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
     chol, _ = torch.linalg.cholesky_ex(gram)
     eye = torch.eye(m, dtype=torch.float64, device=kz.device).expand(n, m, m)
     linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(kz.dtype)
-    kb_o = linv @ kb
-    theta, u = torch.linalg.eigh(kb_o @ kb_o.mT)
-    top = u.flip(-1)[..., :w].mT  # [n, w, m]
-    coef = top @ linv
-    return theta.flip(-1)[:, :w].clamp_min(0), coef @ kz, top @ kb_o
+    return linv, linv @ kb
 
 
 class _Values:
@@ -444,6 +446,10 @@ def _sketch_layer(
     gwt, qa, ra, bt = sub(gt[:, :w]), sub(qt), sub(r), sub(bt[:, :w])
     prev = (sub(start), bt)  # basis rows (P Omega: in the row space of R) and their B rows (B = R Z)
     steps = 1
+
+    def undefined(theta):  # Ritz gap sigma_p / sigma_{p+1} below gap_floor: the top-p subspace is not defined
+        return theta[:, p - 1] <= cfg.gap_floor**2 * theta[:, p] if w > p else torch.zeros_like(theta[:, 0] > 0)
+
     while gwt.shape[0]:
         zt = _orthonormalize_rows(gwt)
         bt, _ = vals.products(proj(zt, qa), active=active, back=False)
@@ -454,26 +460,39 @@ def _sketch_layer(
             _, gwt = vals.products(extra=bt, active=active)
             gwt = proj(gwt, qa)
             continue
-        # Rayleigh-Ritz: the first time on the block Krylov space span(Z_prev, G Z_prev) (twice the width for no
-        # extra pass over Y), later on span(Z) (a Krylov basis of converging vectors is nearly dependent)
-        if prev is not None:
-            zt, bt = torch.cat([prev[0], zt], dim=1), torch.cat([prev[1], bt], dim=1)
-            prev = None
-        theta, zt, bt = _krylov_ritz(zt, bt, w)
-        cpt = zt[:, :p]  # Ritz vectors as rows [n, p, d]
-        # a Ritz gap sigma_p / sigma_{p+1} below gap_floor: the top-p subspace is not defined by the data, stop
-        done = theta[:, p - 1] <= cfg.gap_floor**2 * theta[:, p] if w > p else torch.zeros_like(idx, dtype=torch.bool)
-        if w >= d or steps >= cfg.iterations:
-            done = torch.ones_like(done)
-        c_out[idx[done]] = cpt[done]
-        if bool(done.all()):
-            break
-        if bool(done.any()):
+        last = steps >= cfg.iterations or w >= d
+        if prev is not None and not last:
+            # first check: decide on the Ritz values of the block Krylov space span(Z_prev, G Z_prev) (twice the
+            # width, no extra pass over Y; a flat spectral tail cannot fake a missing gap there). Eigenvalues
+            # only: vectors of the 2w x 2w problem are computed for the problems that go on.
+            kz, kb = torch.cat([prev[0], zt], dim=1), torch.cat([prev[1], bt], dim=1)
+            linv, kb = _krylov_basis(kz, kb)
+            s = kb @ kb.mT
+            done = undefined(torch.linalg.eigvalsh(s).flip(-1))
+            if bool(done.any()):  # their C from Rayleigh-Ritz on span(Z)
+                c_out[idx[done]] = _ritz(zt[done], bt[done], p)[1]
             go = (~done).nonzero().squeeze(1)
-            idx, ra, zt, bt, theta, cpt = (x[go] for x in (idx, ra, zt, bt, theta, cpt))
+            if not go.numel():
+                break
+            idx, ra, kz, kb, linv, s = (x[go] for x in (idx, ra, kz, kb, linv, s))
             qa = None if qa is None else qa[go]
+            theta, u = torch.linalg.eigh(s)
+            top = u.flip(-1)[..., :w].mT
+            theta, zt, bt = theta.flip(-1)[:, :w].clamp_min(0), (top @ linv) @ kz, top @ kb
+            prev = None
+        else:
+            theta, zt, bt = _ritz(zt, bt, w)
+            done = undefined(theta) | last
+            c_out[idx[done]] = zt[done, :p]
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                go = (~done).nonzero().squeeze(1)
+                idx, ra, zt, bt, theta = (x[go] for x in (idx, ra, zt, bt, theta))
+                qa = None if qa is None else qa[go]
         active = idx
-        # the others: G Z for the Ritz residuals (a posteriori error estimate) and the next step
+        cpt = zt[:, :p]  # Ritz vectors as rows [n, p, d]
+        # G Z for the Ritz residuals (a posteriori error estimate of delta) and the next step
         _, gwt = vals.products(extra=bt, active=active)
         gwt = proj(gwt, qa)
         res = torch.linalg.matrix_norm(gwt[:, :p] - theta[:, :p, None] * cpt)
