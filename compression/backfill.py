@@ -15,8 +15,10 @@ Keys, sink, history and thoughts are never touched. One implementation, configur
 the solver (``exact``: batched QR + SVD in fp32; ``subspace``: Cholesky-QR kept basis, residuals and their d x d
 Gram matrices ``R^T R`` built layer by layer over the prompt span, then batched subspace iteration with
 Rayleigh-Ritz on all (layer, item, head) problems at once; ``eigh``: one batched eigen-solve of the same Gram
-matrices), the inject and scale modes, and the published ablations (no projection, naive aggregation, no scaling,
-all components).
+matrices; ``sketch``: neither ``R`` nor ``R^T R`` is formed, ``P = I - Q^T Q`` is applied to thin
+iterates only, and randomized subspace iteration streams the values in small cache-sized blocks, with a block
+Krylov Rayleigh-Ritz and a per-problem a posteriori stopping rule), the inject and scale modes, and the published
+ablations (no projection, naive aggregation, no scaling, all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
 benchmarks.
 """
@@ -52,10 +54,11 @@ class BackfillConfig:
     ``scale``: ``ratio`` = ``A_d / A_s`` (paper), ``none`` = 1, ``share`` = ``A_d / (A_d + A_s)``.
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
-    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver; ``sketch`` caps its
-    products with ``R^T R`` at ``iterations``, checks the Ritz pairs from ``min_iterations`` on and stops a problem
-    once its estimated relative error on ``delta`` is below ``tol`` or its Ritz gap ``sigma_p / sigma_{p+1}`` is
-    below ``gap_floor`` (there the top-p subspace is not defined by the data, and no solver's answer is stable).
+    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver. ``sketch``
+    iterates a block of width ``p + sketch_oversample``, caps its products with ``R^T R`` at ``iterations``,
+    checks from ``min_iterations`` on and stops a problem once its estimated relative error on ``delta`` is below
+    ``tol`` or its Ritz gap ``sigma_p / sigma_{p+1}`` is below ``gap_floor`` (there the top-p subspace is not
+    defined by the data, no solver's answer is stable, and more iterations buy nothing).
     ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
     orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """
@@ -71,6 +74,7 @@ class BackfillConfig:
     orth_every: int = 2
     seed: int = 0
     min_iterations: int = 2
+    sketch_oversample: int = 6
     tol: float = 1e-4
     gap_floor: float = 1.25
     eps: float = 1e-8
@@ -514,7 +518,7 @@ def _solve_sketch(values, qt, evict, w_hat, prompt, cfg):
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
     p = None if _use_all_components(cfg, d) else cfg.rank
-    width = d if p is None else min(d, p + cfg.oversample)
+    width = d if p is None else min(d, p + cfg.sketch_oversample)
     omega_t = _start_block(d, width, cfg.seed, values[0].device, torch.float32).mT.contiguous()
     outs = []
     buf = torch.empty(b * h, hi - lo, d, device=values[0].device)
