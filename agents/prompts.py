@@ -49,13 +49,35 @@ def agent_message(
     return "\n".join(parts)
 
 
-def chat_ids(tokenizer, message: str) -> list[int]:
-    """Token ids of ``message`` as one user turn with the assistant's turn opened (the model's chat template)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(message + "\n")["input_ids"])
+_SENTINEL = "\u2063LATENT-RELAY-SLOT\u2063"
+
+
+def chat_ids(tokenizer, message: str, continues: bool = False) -> list[int]:
+    """Token ids of ``message`` as one user turn with the assistant's turn opened (the model's chat template).
+
+    With ``continues`` the agent prefills on the memory of earlier agents, whose last turn is an assistant turn
+    left open for their latent thoughts: the ids then close that turn and open a new user turn, so the whole
+    memory reads as one well-formed conversation (system, user, assistant: thoughts, user, assistant: ...)
+    instead of several conversations stacked on each other.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(message + "\n")["input_ids"])
+    if not continues:
+        return _template_ids(tokenizer, [{"role": "user", "content": message}])
+    turns = [
+        {"role": "user", "content": _SENTINEL},
+        {"role": "assistant", "content": _SENTINEL},
+        {"role": "user", "content": message},
+    ]
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    cut = text.rfind(_SENTINEL)
+    if cut < 0:  # a template that drops assistant content: fall back to a fresh conversation
+        return _template_ids(tokenizer, [{"role": "user", "content": message}])
+    return list(tokenizer(text[cut + len(_SENTINEL) :], add_special_tokens=False)["input_ids"])
+
+
+def _template_ids(tokenizer, turns) -> list[int]:
+    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)

@@ -86,7 +86,7 @@ def numbers_equal(a: float, b: float) -> bool:
 
 class GSM8K(Task):
     name = "gsm8k"
-    answer_format = "Put the final answer, a single number, in \\boxed{}, e.g. \\boxed{42}."
+    answer_format = "Reason step by step, then put the final answer (a single number) in \\boxed{}."
     relative_path = "gsm8k/test.jsonl"
 
     def load(self, n: int | None = None, data_dir: str | os.PathLike | None = None) -> list[TaskItem]:

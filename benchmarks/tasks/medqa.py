@@ -70,7 +70,7 @@ def gold_letter(row: dict, options: dict[str, str]) -> str:
 
 class MedQA(Task):
     name = "medqa"
-    answer_format = "Give the final answer as the letter of one option in \\boxed{}, e.g. \\boxed{C}."
+    answer_format = "Reason briefly, then give the letter of the correct option in \\boxed{}."
     relative_path = "medqa/medqa.json"
 
     def load(self, n: int | None = None, data_dir: str | os.PathLike | None = None) -> list[TaskItem]:

@@ -77,7 +77,7 @@ class NodeExecutor:
                 answer_format=answer_format if name == graph.final else None,
                 has_memory=bool(latent),
             )
-            prompts.append(chat_ids(self.tokenizer, message))
+            prompts.append(chat_ids(self.tokenizer, message, continues=bool(latent)))
         thoughts = graph.thinks(name)
         edges = graph.outgoing(name)
         observe = thoughts > 0 and any(e.recipe for e in edges)
