@@ -46,7 +46,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--soft-temperature", type=float, default=1.0, help="temperature of soft tokens (default: 1.0)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=384, help="decoding budget of text-producing agents (default: 384)"
+        "--max-new-tokens", type=int, default=256, help="decoding budget of text-producing agents (default: 256)"
     )
     p.add_argument("--batch-size", type=int, default=4, help="items per forward (default: 4)")
     p.add_argument(
