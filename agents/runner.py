@@ -141,11 +141,11 @@ class ModelRunner:
         table_agent = torch.where(valid, agent_idx, -1)
         table_segment = torch.where(valid, segment, int(Segment.PAD))
         grown = memory.with_cache(cache, table_segment, table_agent, position)
-        if not bool(valid.all()):  # padded slots hold finite garbage: zero them so nothing of it travels
-            pad = ~grown.valid[:, None, :, None]
+        if not bool(valid.all()):  # new padded slots hold finite garbage: zero them so nothing of it travels
+            pad = ~valid[:, None, :, None]  # only the q new slots: older ones were zeroed when they were new
             for k, v in zip(grown.keys, grown.values):
-                k.masked_fill_(pad, 0)
-                v.masked_fill_(pad, 0)
+                k[:, :, -q:].masked_fill_(pad, 0)
+                v[:, :, -q:].masked_fill_(pad, 0)
         hidden = out.last_hidden_state[:, -1]
         attn = None
         if observe:
