@@ -81,14 +81,20 @@ def summarize_config(model: Any) -> dict[str, Any]:
     return summary
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on accelerators; float32 on a CPU, where bf16 matmuls without native bf16 units are several times
+    slower in the compute-bound prefill and latent thoughts (measured by `benchmarks/cpu_dtype.py`)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def _as_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
-    if dtype is None:  # bf16 halves the weight traffic that bounds CPU decoding
-        return torch.bfloat16
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype):
-        raise ModelReferenceError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+        raise ModelReferenceError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
     return resolved
 
 
@@ -216,8 +222,7 @@ def resolve_model(
     allow_download: bool = False,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load the model a reference names. `dtype=None` means bfloat16 (on a CPU too: decoding is
-    bound by reading weights, and bf16 reads half as many bytes).
+    """Load the model a reference names. `dtype=None` (or "auto") picks :func:`default_dtype` for the device.
 
     Raises `ModelReferenceError` for a reference that names nothing loadable (the message lists the bundled
     models), `BundledModelNotInstalledError` (a `ModelReferenceError`) naming the pip command when a bundled

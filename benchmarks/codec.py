@@ -114,9 +114,7 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
             rows.append((recipe, f"{type(e).__name__}: {str(e)[:150]}"))
             continue
         message = LatentMessage("planner", packed, recipe)
-        comp = median_seconds(
-            lambda recipe=recipe: compress(memory, observation, recipe), max(1, repeats // 2)
-        )
+        comp = median_seconds(lambda recipe=recipe: compress(memory, observation, recipe), max(1, repeats // 2))
         packet = wire.encode(message)
         enc = median_seconds(lambda message=message: wire.encode(message), repeats)
         dec = median_seconds(lambda packet=packet: wire.decode(packet).unpacked(), repeats)
@@ -163,9 +161,7 @@ def main() -> None:
             hops = [("(any)", f"compression.compress unavailable: {e}")]
         for row in hops:
             if len(row) == 2:
-                print(
-                    f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec"
-                )
+                print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
                 print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
                 continue
             recipe, comp, enc, dec, size = row

@@ -64,7 +64,7 @@ class BackfillConfig:
     """
 
     rank: int | None = 4
-    solver: Solver = "subspace"
+    solver: Solver = "sketch"
     inject: Literal["uniform", "attention"] = "uniform"
     scale: Literal["ratio", "none", "share"] = "ratio"
     project: bool = True

@@ -234,12 +234,10 @@ def quantize_memory(
         valid = None
     return QuantizedMemory(
         keys=[
-            quantize(k, bits, "channel", valid=valid, group_size=key_group_size, backend=backend)
-            for k in memory.keys
+            quantize(k, bits, "channel", valid=valid, group_size=key_group_size, backend=backend) for k in memory.keys
         ],
         values=[
-            quantize(v, bits, "token", valid=valid, group_size=value_group_size, backend=backend)
-            for v in memory.values
+            quantize(v, bits, "token", valid=valid, group_size=value_group_size, backend=backend) for v in memory.values
         ],
         segment=memory.segment,
         agent=memory.agent,

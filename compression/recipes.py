@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compression.backfill import ABLATIONS, BackfillConfig, apply_backfill, orthogonal_backfill
+from compression.backfill import ABLATIONS, BackfillConfig, Solver, apply_backfill, orthogonal_backfill
 from compression.scores import compute_scores
 from compression.selectors import (
     Selection,
@@ -88,12 +88,8 @@ class _Scored(Method):
 
     def apply(self, memory: KVState, observation: Observation | None, output_proj) -> tuple[KVState, Metrics]:
         if observation is None:
-            raise RecipeError(
-                f"recipe step {self.name!r} ranks tokens by the agent's observation, but none was given"
-            )
-        scores = compute_scores(
-            memory, observation, pool=self.pool, value=self.value, output_proj=output_proj
-        )
+            raise RecipeError(f"recipe step {self.name!r} ranks tokens by the agent's observation, but none was given")
+        scores = compute_scores(memory, observation, pool=self.pool, value=self.value, output_proj=output_proj)
         selection = self.select(scores, prompt_mask(memory, current_agent_index(memory, observation)))
         gathered = gather_selection(memory, selection)
         metrics = _prompt_metrics(selection)
@@ -128,7 +124,11 @@ class Layerwise(_Scored):
 
 class _Backfilled(_Scored):
     rank: int | Literal["all"] = Field(4, description="residual directions p (or all)")
-    fast: bool = Field(True, description="Gram + batched subspace iteration instead of QR + SVD")
+    solver: Solver = Field(
+        "sketch",
+        description="sketch (fastest: randomized subspace iteration on thin iterates), subspace, eigh "
+        "(batched solves of the residual Gram matrices) or exact (QR + SVD)",
+    )
     inject: Literal["uniform", "attention"] = "uniform"
     scale: Literal["ratio", "none", "share"] = "ratio"
     ablation: Literal["none", "no-projection", "naive-aggregation", "no-scaling", "all-components"] = "none"
@@ -136,12 +136,10 @@ class _Backfilled(_Scored):
 
     def backfill_config(self) -> BackfillConfig:
         if isinstance(self.rank, int) and self.rank < 1:
-            raise RecipeError(
-                f"bad value {self.rank!r} for option 'rank' of {self.name!r}: must be >= 1 or 'all'"
-            )
+            raise RecipeError(f"bad value {self.rank!r} for option 'rank' of {self.name!r}: must be >= 1 or 'all'")
         cfg = BackfillConfig(
             rank=None if self.rank == "all" else self.rank,
-            solver="subspace" if self.fast else "exact",
+            solver=self.solver,
             inject=self.inject,
             scale=self.scale,
         )
@@ -240,9 +238,7 @@ def _parse_step(text: str, recipe: str) -> Method:
         raise RecipeError(f"missing method name in step {text!r} of recipe {recipe!r}")
     cls = REGISTRY.get(name)
     if cls is None:
-        raise RecipeError(
-            f"unknown method {name!r} in recipe {recipe!r} (known: {', '.join(available_methods())})"
-        )
+        raise RecipeError(f"unknown method {name!r} in recipe {recipe!r} (known: {', '.join(available_methods())})")
     options: dict[str, str] = {}
     if colon and not body.strip():
         raise RecipeError(f"no options after ':' in step {text!r} of recipe {recipe!r}")
@@ -284,14 +280,10 @@ def parse_recipe(recipe: str | Recipe) -> Recipe:
         if any(s.name == step.name for s in steps):
             raise RecipeError(f"duplicated step {step.name!r} in recipe {recipe!r}")
         if any(s.kind == "quant" for s in steps):
-            raise RecipeError(
-                f"step {step.name!r} after quantization in recipe {recipe!r}: quantization comes last"
-            )
+            raise RecipeError(f"step {step.name!r} after quantization in recipe {recipe!r}: quantization comes last")
         if step.kind == "evict" and any(s.kind == "evict" for s in steps):
             first = next(s.name for s in steps if s.kind == "evict")
-            raise RecipeError(
-                f"two eviction methods {first!r} and {step.name!r} in recipe {recipe!r}; use one"
-            )
+            raise RecipeError(f"two eviction methods {first!r} and {step.name!r} in recipe {recipe!r}; use one")
         steps.append(step)
     parsed = Recipe(steps=tuple(steps))
     for step in parsed.steps:

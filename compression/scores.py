@@ -81,9 +81,7 @@ def output_value_norms(memory: KVState, output_proj: Sequence[torch.Tensor]) -> 
     for w, v in zip(output_proj, memory.values):
         hidden, cols = w.shape
         if cols % (d * h_kv):
-            raise MemoryError_(
-                f"output projection {tuple(w.shape)} is not [hidden, heads * {d}] for {h_kv} KV heads"
-            )
+            raise MemoryError_(f"output projection {tuple(w.shape)} is not [hidden, heads * {d}] for {h_kv} KV heads")
         g = cols // (d * h_kv)
         # [H_kv, d, g * hidden]: for KV head h, the stacked (transposed) column blocks of its g query heads.
         wg = w.float().reshape(hidden, h_kv, g, d).permute(1, 3, 2, 0).reshape(h_kv, d, g * hidden)

@@ -139,9 +139,7 @@ def survivor_order(memory: KVState, selection: Selection) -> tuple[torch.Tensor,
     # Sort key: other slots before the prompt region, kept prompt tokens, other slots after it, dropped.
     group = torch.where(ar[None, :] < first[:, None], 0, 2)
     group = torch.where(other, group, torch.full_like(group, 3))
-    group = torch.where(
-        selection.keep, torch.ones((), dtype=group.dtype, device=dev), group[None, :, None, :]
-    )
+    group = torch.where(selection.keep, torch.ones((), dtype=group.dtype, device=dev), group[None, :, None, :])
     order = (group * t + ar).argsort(dim=-1, stable=True)
     count = other.sum(dim=1) + selection.kept
     t_out = int(count.max()) if b else 0

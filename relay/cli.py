@@ -56,7 +56,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="skip items already in --out for the same relay mode")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     p.add_argument(
-        "--dtype", default="bfloat16", help="model and memory dtype: bfloat16 | float16 | float32 (default: bfloat16)"
+        "--dtype",
+        default="auto",
+        help="model and memory dtype: auto | bfloat16 | float16 | float32 (default auto: float32 on a CPU, "
+        "bfloat16 on a GPU; see benchmarks/cpu_dtype.py)",
     )
     p.add_argument(
         "--timeout", type=float, default=None, help="Ray: seconds a batch may run on hosts before it is abandoned"

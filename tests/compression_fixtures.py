@@ -68,10 +68,7 @@ def build_memory(lay: Layout, dtype: torch.dtype = torch.float32) -> tuple[KVSta
         values.append((v * valid).to(dtype))
     memory = KVState(keys, values, seg, own, pos, agents=["first", "second"])
     m = max(lay.thoughts, 1)
-    att = (
-        torch.rand(lay.batch, lay.layers, lay.heads, m, t, generator=gen)
-        * (seg != Segment.PAD)[:, None, None, None]
-    )
+    att = torch.rand(lay.batch, lay.layers, lay.heads, m, t, generator=gen) * (seg != Segment.PAD)[:, None, None, None]
     att = att / att.sum(-1, keepdim=True).clamp_min(1e-9)
     return memory, Observation(att, "second", lay.group_size)
 

@@ -138,19 +138,13 @@ def test_only_kept_prompt_values_change_all_by_the_same_vector(lay, budget, laye
 def test_scale_is_evicted_over_kept_attention(lay, budget):
     memory, scores, selection = setup(lay, budget, False)
     ratio = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact"))
-    share = orthogonal_backfill(
-        memory, selection, scores, BackfillConfig(rank=2, solver="exact", scale="share")
-    )
-    unit = orthogonal_backfill(
-        memory, selection, scores, BackfillConfig(rank=2, solver="exact", scale="none")
-    )
+    share = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact", scale="share"))
+    unit = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact", scale="none"))
     for li, b, h, _, _, w_k, w_d in problems(memory, selection, scores):
         a_d, a_s = float(w_d.sum()), float(w_k.sum())
         base = unit.shift[li, b, h]
         torch.testing.assert_close(ratio.shift[li, b, h], base * a_d / (a_s + 1e-8), atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(
-            share.shift[li, b, h], base * a_d / (a_d + a_s + 1e-8), atol=1e-6, rtol=1e-4
-        )
+        torch.testing.assert_close(share.shift[li, b, h], base * a_d / (a_d + a_s + 1e-8), atol=1e-6, rtol=1e-4)
 
 
 def test_attention_inject_weights_tokens_by_their_score():
@@ -190,9 +184,7 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     st.sampled_from(["subspace", "sketch"]),
 )
 def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, rank, seed, solver):
-    lay = Layout(
-        batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed
-    )
+    lay = Layout(batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed)
     memory, scores, selection = setup(lay, 6, False)
     # plant a residual with a spectral gap: kept values live in the first half of the channels, evicted values
     # carry p strong directions in the second half (plus isotropic noise everywhere)

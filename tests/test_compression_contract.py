@@ -20,7 +20,7 @@ def _method_recipes() -> list[str]:
     per_method = {
         "h": ["h:budget=4", "h:budget=4,pool=3,value=l1", "h:budget=4,value=wo"],
         "l": ["l:budget=4", "l:budget=4,value=l2"],
-        "h-obf": ["h-obf:budget=4,rank=2", "h-obf:budget=4,rank=2,fast=false,inject=attention"],
+        "h-obf": ["h-obf:budget=4,rank=2", "h-obf:budget=4,rank=2,solver=exact,inject=attention"],
         "l-obf": ["l-obf:budget=4,rank=4", "l-obf:budget=4,ablation=no-projection,scale=share"],
         "gen": ["gen"],
         "int8": ["h-obf:budget=4,rank=2+int8", "int8"],
@@ -129,8 +129,6 @@ def test_recipe_contract(tiny, recipe):
     mask = torch.cat([out.valid.long(), torch.ones(out.batch_size, new, dtype=torch.long)], dim=1)
     pos = out.next_position()[:, None] + torch.arange(new)[None, :]
     with torch.no_grad():
-        logits = model(
-            input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos
-        ).logits
+        logits = model(input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos).logits
     assert logits.shape == (out.batch_size, new, 64)
     assert bool(torch.isfinite(logits).all())

@@ -72,12 +72,8 @@ def check_evicted(memory: KVState, out: KVState, kept: dict, budget: int | None)
                 assert torch.equal(out.segment[b, :n], memory.segment[b, idx])
                 assert torch.equal(out.agent[b, :n], memory.agent[b, idx])
                 rest = slice(n, out.num_tokens)
-                assert bool((out.keys[li][b, h, rest] == 0).all()) and bool(
-                    (out.values[li][b, h, rest] == 0).all()
-                )
-                assert bool((out.segment[b, rest] == Segment.PAD).all()) and bool(
-                    (out.agent[b, rest] == -1).all()
-                )
+                assert bool((out.keys[li][b, h, rest] == 0).all()) and bool((out.values[li][b, h, rest] == 0).all())
+                assert bool((out.segment[b, rest] == Segment.PAD).all()) and bool((out.agent[b, rest] == -1).all())
                 assert bool((pos_out[li, b, h, rest] == 0).all())
 
 

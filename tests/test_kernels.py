@@ -36,10 +36,7 @@ def test_masked_entries_are_ignored_and_clamped():
     packed, scale, zero = reference.quantize_pack_ref(x, valid, 8)
     y = reference.unpack_dequantize_ref(packed, scale, zero, 8, 4, torch.float32)
     assert zero.item() == 0.0 and abs(scale.item() - 1 / 255) < 1e-5
-    assert (
-        y[0, :2].tolist() == pytest.approx([0.0, 1.0], abs=1e-3)
-        and 0 <= float(y.min()) <= float(y.max()) <= 1.01
-    )
+    assert y[0, :2].tolist() == pytest.approx([0.0, 1.0], abs=1e-3) and 0 <= float(y.min()) <= float(y.max()) <= 1.01
 
 
 def test_dispatch_picks_torch_on_cpu_and_honours_overrides(monkeypatch):

@@ -40,6 +40,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 # --- tiny models and fingerprints --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", models.TINY_ARCHS)
 def test_tiny_model_builds_and_runs_on_token_ids(arch):
     loaded = tiny_model(arch)
@@ -108,6 +109,7 @@ def test_parameter_sample_covers_edges_and_stride():
 
 
 # --- errors ------------------------------------------------------------------------------------------------
+
 
 def test_unknown_reference_lists_bundled_models(isolated_cache):
     with pytest.raises(ModelReferenceError) as err:
@@ -190,6 +192,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 # --- local folders (a tiny model saved with a real tokenizer) ----------------------------------------------
 
+
 def _save_tiny_with_tokenizer(folder: Path, seed: int = 0) -> None:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -214,7 +217,9 @@ def test_local_folder_reference_and_fingerprint_stability(tmp_path, isolated_cac
     assert first.tokenizer("w1 w2").input_ids == [1, 2]
     assert first.fingerprint != tiny_model("llama", seed=0).fingerprint  # the tokenizer counts
     assert not first.model.training
+    assert first.dtype == torch.float32  # the CPU default: bf16 matmuls are slow without bf16 units
     assert resolve_model(str(one), dtype="bfloat16").dtype == torch.bfloat16
+    assert models.default_dtype("cuda") == torch.bfloat16
     with pytest.raises(ModelReferenceError, match="unknown dtype"):
         resolve_model(str(one), dtype="float13")
 
@@ -320,6 +325,7 @@ def test_build_once_failure_leaves_nothing_and_reuses_a_complete_folder(tmp_path
 
 # --- the real bundled model (slow) --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_bundled_smollm2_loads_with_a_stable_fingerprint():
     first = resolve_model("smollm2-135m", dtype="float32")
@@ -330,9 +336,9 @@ def test_bundled_smollm2_loads_with_a_stable_fingerprint():
     assert first.config_summary["model_type"] == "llama" and first.config_summary["num_hidden_layers"] == 30
     ids = first.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = first.model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in first.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in first.tokenizer.decode(out[0, ids.shape[1] :])
     assert resolve_model("smollm2-135m", dtype="float32").fingerprint == first.fingerprint
-    half = resolve_model("smollm2-135m")  # bfloat16 by default
+    half = resolve_model("smollm2-135m", dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and half.fingerprint != first.fingerprint
     marker = json.loads((Path(first.source) / COMPLETE_MARKER).read_text())
     assert marker["fingerprints"]["bfloat16"] == half.fingerprint

@@ -104,9 +104,7 @@ def test_memory_round_trip_and_real_size(bits, per_head):
     for a, b, qa in zip(memory.keys, out.keys, q.keys):
         assert_within_half_step(a, qa, real.expand_as(a))
         assert b.shape == a.shape
-    codes = (
-        3 * (2 * 2 * 12 * 8 + 2 * 2 * 10 * 8) * bits // 8
-    )  # key token axis padded 10 -> 12 for groups of 4
+    codes = 3 * (2 * 2 * 12 * 8 + 2 * 2 * 10 * 8) * bits // 8  # key token axis padded 10 -> 12 for groups of 4
     key_groups = 3 * 2 * 2 * 8 * 3  # layers x batch x heads x channels x token groups (10 -> 4+4+2)
     value_groups = 3 * 2 * 2 * 10  # layers x batch x heads x tokens
     table = memory.segment.nbytes + memory.agent.nbytes + memory.position.nbytes

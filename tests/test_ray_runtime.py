@@ -65,8 +65,9 @@ class FakeTask:
         return item.gold in text
 
 
-ITEMS = [Item(f"q{i}", f"Tom has {i + 2} apples and buys {3 * i + 1} more. How many now?", str(4 * i + 3))
-         for i in range(8)]
+ITEMS = [
+    Item(f"q{i}", f"Tom has {i + 2} apples and buys {3 * i + 1} more. How many now?", str(4 * i + 3)) for i in range(8)
+]
 
 
 def _host_model() -> HostModel:
@@ -86,7 +87,11 @@ def _same(records, reference) -> None:
     for r, ref in zip(records, reference):
         assert r.error is None, r.error
         assert (r.answer, r.correct, r.output_tokens, r.latent_steps) == (
-            ref.answer, ref.correct, ref.output_tokens, ref.latent_steps)
+            ref.answer,
+            ref.correct,
+            ref.output_tokens,
+            ref.latent_steps,
+        )
         assert r.edge_bytes == ref.edge_bytes and r.relay_bytes == ref.relay_bytes > 0
         assert r.model == ref.model and set(r.node_seconds) == set(ref.node_seconds)
 
@@ -121,8 +126,9 @@ def test_sequential_per_node_matches_local(per_node, reference, tmp_path):
     graph = sequential("latent", latent_steps=4)
     out = tmp_path / "results.jsonl"
     seen = []
-    records = per_node.run(graph, FakeTask(), ITEMS, "latent", batch_size=2, writer=ResultWriter(out),
-                           on_result=seen.append)
+    records = per_node.run(
+        graph, FakeTask(), ITEMS, "latent", batch_size=2, writer=ResultWriter(out), on_result=seen.append
+    )
     assert set(per_node.hosts) == {"planner", "critic", "refiner", "judger"}
     _same(records, reference)
     assert sorted(r.item_id for r in seen) == sorted(it.id for it in ITEMS)
@@ -137,10 +143,12 @@ def test_mixed_placement_and_text_edges_match_local(per_node):
     graph = AgentGraph(
         name="diamond",
         nodes=[Node(name=n) for n in ("planner", "critic", "refiner", "judger")],
-        edges=[Edge(source="planner", target="critic"),
-               Edge(source="planner", target="refiner", relay="text"),
-               Edge(source="critic", target="judger"),
-               Edge(source="refiner", target="judger", relay="text")],
+        edges=[
+            Edge(source="planner", target="critic"),
+            Edge(source="planner", target="refiner", relay="text"),
+            Edge(source="critic", target="judger"),
+            Edge(source="refiner", target="judger", relay="text"),
+        ],
         latent_steps=3,
     )
     reference = _local(graph, ITEMS[:5], batch_size=3)
@@ -159,8 +167,9 @@ def test_failing_step_gives_error_records_without_retries(per_node, reference):
     """A step that raises (a prompt past the context window) fails its batch only, as in the local runtime."""
     long = Item("long", "Count the apples. " * 80, "0")
     retries = per_node.stats["retries"]
-    records = per_node.run(sequential("latent", latent_steps=4), FakeTask(), [long, ITEMS[0], ITEMS[0]], "latent",
-                           batch_size=1)
+    records = per_node.run(
+        sequential("latent", latent_steps=4), FakeTask(), [long, ITEMS[0], ITEMS[0]], "latent", batch_size=1
+    )
     assert [r.item_id for r in records] == ["long", "q0", "q0"]
     assert records[0].error and records[0].error.startswith("PromptTooLongError")
     assert records[1].error is None and records[1].answer == records[2].answer == reference[0].answer
@@ -182,8 +191,9 @@ def test_killed_host_retries_without_loss_or_duplicates(per_node, reference, tmp
     retries = rt.stats["retries"]
     out = tmp_path / "results.jsonl"
     try:
-        records = rt.run(sequential("latent", latent_steps=4), FakeTask(), ITEMS, "latent", batch_size=2,
-                         writer=ResultWriter(out))
+        records = rt.run(
+            sequential("latent", latent_steps=4), FakeTask(), ITEMS, "latent", batch_size=2, writer=ResultWriter(out)
+        )
     finally:
         rt.placement, rt.on_step = "per-node", None
     assert killed and rt.stats["retries"] > retries
@@ -196,8 +206,9 @@ def test_killed_host_retries_without_loss_or_duplicates(per_node, reference, tmp
 def test_shared_placement_plan(cluster):
     rt = RayRuntime(_host_model(), placement="shared")
     assert set(rt.plan(sequential()).values()) == {"shared"} and not rt.hosts
-    graph = AgentGraph(nodes=[Node(name="a"), Node(name="b", model="smollm2-135m")],
-                       edges=[Edge(source="a", target="b", relay="text")])
+    graph = AgentGraph(
+        nodes=[Node(name="a"), Node(name="b", model="smollm2-135m")], edges=[Edge(source="a", target="b", relay="text")]
+    )
     assert rt.plan(graph) == {"a": "shared", "b": "shared:smollm2-135m"}
     with pytest.raises(PlacementError, match="several models"):
         RayRuntime(_host_model(), placement={"a": "h", "b": "h"}).plan(graph)
@@ -206,8 +217,7 @@ def test_shared_placement_plan(cluster):
 def test_timeout_gives_error_records(per_node):
     per_node.timeout = 0.05
     try:
-        records = per_node.run(sequential("latent", latent_steps=200), FakeTask(), ITEMS[:2], "latent",
-                               batch_size=2)
+        records = per_node.run(sequential("latent", latent_steps=200), FakeTask(), ITEMS[:2], "latent", batch_size=2)
     finally:
         per_node.timeout = None
     assert [r.item_id for r in records] == ["q0", "q1"]

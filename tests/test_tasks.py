@@ -16,6 +16,7 @@ needs_data = pytest.mark.skipif(not default_data_dir().is_dir(), reason="no ../s
 
 # --- GSM8K -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -127,10 +128,7 @@ def fast_humaneval():
 
 
 def test_extract_code_prefers_the_block_defining_the_entry_point():
-    text = (
-        "Here:\n```text\nnot code\n```\n```python\nimport os\n```\n"
-        "```python\ndef add(a, b):\n    return a+b\n```"
-    )
+    text = "Here:\n```text\nnot code\n```\n```python\nimport os\n```\n```python\ndef add(a, b):\n    return a+b\n```"
     assert extract_code(text, "add").startswith("def add")
     assert extract_code("```py\nx = 1\n```", "add") == "x = 1\n"
     assert extract_code("    return a + b\n", "add") == "    return a + b\n"  # raw code
@@ -211,6 +209,7 @@ def test_humaneval_loader_and_real_canonical_solutions(fast_humaneval):
 
 
 # --- registry and data folder ------------------------------------------------------------------------------
+
 
 def test_registry():
     assert task_names() == ["gsm8k", "humaneval", "medqa"]

@@ -42,9 +42,7 @@ def _same_memory(a, b) -> None:
 @pytest.mark.parametrize("per_head", [False, True])
 def test_kv_round_trip_is_bit_exact(dtype, zstd_level, per_head):
     memory = make_memory(tokens=9, dim=8, layers=3, dtype=dtype, per_head=per_head)
-    message = LatentMessage(
-        "planner", memory, "h:budget=4", {"retained": 0.5, "n": 3, "t": torch.tensor(1.0)}
-    )
+    message = LatentMessage("planner", memory, "h:budget=4", {"retained": 0.5, "n": 3, "t": torch.tensor(1.0)})
     out = decode(encode(message, zstd_level=zstd_level), expect_fingerprint="model-a")
     assert isinstance(out, LatentMessage) and out.sender == "planner" and out.recipe == "h:budget=4"
     assert out.metrics == {"retained": 0.5, "n": 3, "t": 1.0}
@@ -261,9 +259,7 @@ def test_not_bytes_and_garbage():
 def test_describe_names_the_essentials():
     memory = make_memory(tokens=8, layers=2, fingerprint="qwen2.5-0.5b@abc")
     text = describe(
-        encode(
-            LatentMessage("planner", quantize_memory(memory, 4), "h-obf:budget=32,rank=2+int4"), zstd_level=3
-        )
+        encode(LatentMessage("planner", quantize_memory(memory, 4), "h-obf:budget=32,rank=2+int4"), zstd_level=3)
     )
     for needle in ("latent", "planner", "qwen2.5-0.5b@abc", "int4", "2 layers", "prompt", "sink", "pad",
                    "h-obf:budget=32,rank=2+int4", "x)", "float32"):  # fmt: skip

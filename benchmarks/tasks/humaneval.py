@@ -36,7 +36,7 @@ def _strip_leading_prose(text: str, entry_point: str | None) -> str:
     if not entry_point or not re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", text) or _compiles(text):
         return text
     start = _CODE_START.search(text)
-    return text[start.start():] if start else text
+    return text[start.start() :] if start else text
 
 
 def _compiles(source: str) -> bool:

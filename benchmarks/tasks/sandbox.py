@@ -33,7 +33,7 @@ NETWORK_BLOCKED_MESSAGE = "network access is disabled in the sandbox"
 
 # Runs inside the child before the candidate program: blocks sockets and process/file mischief, then
 # executes the program file given as argv[1] under a module name that is not "__main__".
-PRELUDE = f'''
+PRELUDE = f"""
 import builtins, os, shutil, socket, subprocess, sys
 import _socket
 
@@ -69,7 +69,7 @@ with open(_path, encoding="utf-8") as _handle:
 del _handle
 _code = compile(_source, "candidate.py", "exec")
 exec(_code, {{"__name__": "__candidate__", "__builtins__": builtins}})
-'''
+"""
 
 
 @dataclass(frozen=True)

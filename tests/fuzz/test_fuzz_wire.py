@@ -19,9 +19,7 @@ from relay import wire
 from tests.fuzz import mutate
 
 EXAMPLES = 3_500
-SETTINGS = settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
-)
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 SEEDS = mutate.seeds()
 
 
@@ -44,9 +42,7 @@ def check(data: bytes) -> None:
 
 @SETTINGS
 @given(
-    data=st.one_of(
-        st.binary(max_size=400), st.integers(0, 2**32).map(lambda s: mutate.random_input(random.Random(s)))
-    )
+    data=st.one_of(st.binary(max_size=400), st.integers(0, 2**32).map(lambda s: mutate.random_input(random.Random(s))))
 )
 def test_random_inputs_only_raise_packet_errors(data):
     check(data)
