@@ -4,7 +4,7 @@
 
 1. Encode and decode throughput of :mod:`relay.wire` for raw, zstd-1 and zstd-3 payloads, next to a plain
    memory copy of the same bytes (``bytes(memoryview)`` and ``torch.cat`` + ``clone`` of the tensors), in GB/s
-   of cache bytes (medians over repeats). Encode = one copy into the packet + the BLAKE2b tree checksum;
+   of cache bytes (medians over repeats). Encode = one copy into the packet + the XXH3-128 checksum;
    decode = checksum check + zero-copy ``torch.frombuffer`` views (raw) or inflate + views (zstd).
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode, and
    the share of the hop spent serializing.

@@ -82,20 +82,23 @@ def random_cache(
 
 def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) -> torch.Tensor:
     """``sigma_p / sigma_{p+1}`` of every problem's residual ``R`` ``[L, B, H]`` (from the eigenvalues of R^T R)."""
-    from compression.backfill import _residual_gram, _weights_hat, kept_basis
+    from compression.backfill import _prompt_span, _weights_hat, kept_basis, layer_residual_gram
 
     L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
     keep = selection.keep.expand(L, b, h, memory.num_tokens)
     evict = selection.prompt[None, :, None, :] & ~keep
+    w_hat = _weights_hat(scores.float(), evict, "attention")
     k = int(selection.kept.max())
     idx = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :k]
     x = torch.stack([gather_tokens(v, idx[i]) for i, v in enumerate(memory.values)]).float().reshape(-1, k, d)
-    qt = kept_basis(x, selection.kept[None, :, None].expand(L, b, h).reshape(-1)).reshape(L, b, h, k, d)
-    gram, *_ = _residual_gram(
-        memory.values, qt, evict, _weights_hat(scores, evict, "attention"), selection.prompt, True
-    )
-    lam = torch.linalg.eigvalsh(gram.double()).flip(-1).clamp_min(0).sqrt()  # singular values of R, descending
-    return lam[..., rank - 1] / lam[..., rank].clamp_min(1e-30)
+    qt = kept_basis(x, selection.kept[None, :, None].expand(L, b, h).reshape(-1)).reshape(L, b * h, k, d)
+    lo, hi = _prompt_span(selection.prompt)
+    grams = [
+        layer_residual_gram(v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], qt[i])[0]
+        for i, v in enumerate(memory.values)
+    ]
+    lam = torch.linalg.eigvalsh(torch.stack(grams).double()).flip(-1).clamp_min(0).sqrt()  # singular values of R
+    return (lam[..., rank - 1] / lam[..., rank].clamp_min(1e-30)).view(L, b, h)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -146,15 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     b = args.budget
-    # (recipe, selection kind, backfill config of its OBF solve); the recipes' default solver is "sketch"
+    # (recipe, selection kind, backfill config of its OBF solve); the recipes' default solver is "subspace"
     methods = {
         "H": (f"h:budget={b}", None, None),
         "L": (f"l:budget={b}", None, None),
         "L-OBF exact": (f"l-obf:budget={b},rank=4,solver=exact", "l", BackfillConfig(rank=4, solver="exact")),
         "L-OBF subspace": (f"l-obf:budget={b},rank=4,solver=subspace", "l", BackfillConfig(rank=4, solver="subspace")),
-        "L-OBF sketch": (f"l-obf:budget={b},rank=4", "l", BackfillConfig(rank=4, solver="sketch")),
+        "L-OBF sketch": (f"l-obf:budget={b},rank=4,solver=sketch", "l", BackfillConfig(rank=4, solver="sketch")),
         "H-OBF subspace": (f"h-obf:budget={b},rank=2,solver=subspace", "h", BackfillConfig(rank=2, solver="subspace")),
-        "H-OBF sketch": (f"h-obf:budget={b},rank=2", "h", BackfillConfig(rank=2, solver="sketch")),
+        "H-OBF sketch": (f"h-obf:budget={b},rank=2,solver=sketch", "h", BackfillConfig(rank=2, solver="sketch")),
     }
     scores = compute_scores(memory, obs)
     prompt = prompt_mask(memory, current_agent_index(memory, obs))

@@ -64,7 +64,7 @@ class BackfillConfig:
     """
 
     rank: int | None = 4
-    solver: Solver = "sketch"
+    solver: Solver = "subspace"
     inject: Literal["uniform", "attention"] = "uniform"
     scale: Literal["ratio", "none", "share"] = "ratio"
     project: bool = True
@@ -247,54 +247,74 @@ def _solve_exact(x, qt, y, w_hat_d, cfg):
     return r, c, torch.linalg.matrix_norm(r_mat), torch.linalg.matrix_norm(y)
 
 
-def _solve_gram(gram, r, r_norm, y_norm, cfg):
-    """Gram path: top-p eigenvectors of ``G = R^T R`` for all problems at once; returns (r, C or None, norms)."""
-    c = None
-    if not _use_all_components(cfg, gram.shape[-1]):
-        solvable = r_norm > cfg.residual_tol * y_norm  # the others inject nothing: do not iterate on noise
-        if cfg.solver == "eigh":
-            c = top_directions_eigh(gram, cfg.rank, solvable)
-        else:
-            c = top_directions_subspace(gram, cfg.rank, cfg)
-    return r, c, r_norm, y_norm
+def _prompt_span(prompt: torch.Tensor) -> tuple[int, int]:
+    """First and one-past-last token slot that is a prompt slot of any item."""
+    cols = prompt.any(dim=0).nonzero()
+    return (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
 
 
-def _residual_gram(
-    values: list[torch.Tensor],
-    qt: torch.Tensor,
+def layer_residual_gram(
+    v: torch.Tensor,
     evict: torch.Tensor,
     w_hat: torch.Tensor,
-    prompt: torch.Tensor,
-    project: bool,
+    qt: torch.Tensor | None,
+    buffer: torch.Tensor | None = None,
 ):
-    """Per layer, over the prompt span and without gathering ``Y``: the residual ``R = (Y - Y Q Q^T)`` masked to
-    the evicted rows, its Gram ``R^T R`` ``[L, B, H, d, d]``, ``r = w_hat^T R`` ``[L, B, H, d]`` and the norms
-    ``||R||_F``, ``||Y||_F`` ``[L, B, H]``. ``qt`` is ``Q^T`` as ``[L, B, H, k, d]``."""
-    cols = prompt.any(dim=0).nonzero()
-    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    """One layer's problems: the Gram ``G = R^T R`` ``[N, d, d]`` of the residual ``R = Y_D - Y_D Q^T Q`` of the
+    evicted rows, ``r = w_hat^T R`` ``[N, d]``, ``||R||_F^2`` and ``||Y_D||_F^2`` ``[N]``.
+
+    ``v`` ``[B, H, T, d]`` are the layer's values over the prompt span, ``evict`` ``[B, H, T]`` the evicted slots,
+    ``w_hat`` ``[B, H, T]`` (zero off the evicted slots), ``qt`` ``Q^T`` ``[N, k, d]`` (``None``: no projection,
+    ``R = Y_D``), ``buffer`` an optional float32 ``[B, H, T, d]`` to reuse. ``R`` is never formed: with
+    ``S = Y_D^T Y_D`` and ``P = I - Q^T Q``, ``G = P S P = S - (E + E^T)`` with ``E = (S Q^T - Q^T Q S Q^T / 2) Q``
+    (``d x d x k`` products instead of two ``T x d x k`` ones). Where ``||R||`` is below a tenth of ``||Y_D||``
+    that difference of large terms loses digits in float32, so those problems are recomputed from ``R`` itself.
+    """
+    b, h, t, d = v.shape
+    m = evict[..., None].to(torch.float32)
+    ym = torch.mul(v, m, out=buffer) if buffer is not None else v * m  # Y_D (float32), zero off the evicted rows
+    ym = ym.view(b * h, t, d)
+    gram = ym.mT @ ym  # S
+    u = (w_hat.reshape(b * h, 1, t).to(torch.float32) @ ym)[:, 0]  # w_hat^T Y_D
+    y2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+    if qt is None:
+        return gram, u, y2, y2
+    a = gram @ qt.mT  # S Q^T  [N, d, k]
+    e = a.sub_(qt.mT @ (qt @ a), alpha=0.5) @ qt
+    gram.sub_(e).sub_(e.mT)
+    r = u - (u[:, None, :] @ qt.mT @ qt)[:, 0]
+    r2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+    small = ((r2 < 1e-2 * y2) & (y2 > 0)).nonzero().squeeze(1)
+    if small.numel():
+        ys, qs = ym[small], qt[small]
+        res = (ys - (ys @ qs.mT) @ qs) * m.view(b * h, t, 1)[small]
+        gram[small] = res.mT @ res
+        r2 = r2.index_put((small,), res.square().sum(dim=(-1, -2)))
+    return gram, r, r2, y2
+
+
+def _solve_gram(values, qt, evict, w_hat, prompt, cfg):
+    """The ``subspace`` / ``eigh`` solvers, one layer at a time (its ``B * H`` problems in one batch, buffers reused
+    so every step works in cache): the Gram of each residual, then its top-p eigenvectors. Returns (r, C or None,
+    ||R||_F, ||Y||_F) over all ``L * B * H`` problems."""
+    lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
-    dev = values[0].device
-    gram = torch.empty(n_layers, b, h, d, d, device=dev)
-    r = torch.empty(n_layers, b, h, d, device=dev)
-    y2 = torch.empty(n_layers, b, h, device=dev)
+    buffer = torch.empty(b, h, hi - lo, d, device=values[0].device)
+    outs = []
     for i, v in enumerate(values):
-        m = evict[i, :, :, lo:hi, None].to(torch.float32)  # [B, H, Tp, 1]
-        y = v[:, :, lo:hi].to(torch.float32, copy=True).reshape(b * h, hi - lo, d)  # fresh: edited in place
-        if project:
-            qt_i = qt[i].reshape(b * h, -1, d)
-            coef = y @ qt_i.mT  # Y Q   [B*H, Tp, k]
-            res = y.baddbmm_(coef, qt_i, alpha=-1.0).view(b, h, hi - lo, d)
-            res.mul_(m)  # R: evicted rows only
-            # ||Y||^2 = ||R||^2 + ||Y Q||^2 (the two parts are orthogonal)
-            y2[i] = coef.view(b, h, hi - lo, -1).square().mul_(m).sum(dim=(-1, -2))
-        else:
-            res = y.view(b, h, hi - lo, d) * m
-        torch.matmul(res.mT, res, out=gram[i])
-        r[i] = (w_hat[i, :, :, None, lo:hi] @ res)[..., 0, :]
-    r_norm = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
-    y2 = y2 + r_norm.square() if project else gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return gram, r, r_norm, y2.clamp_min(0).sqrt()
+        q = qt[i].reshape(b * h, -1, d) if qt is not None else None
+        gram, r, r2, y2 = layer_residual_gram(v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], q, buffer)
+        r_norm, y_norm = r2.sqrt(), y2.sqrt()
+        c = None
+        if not _use_all_components(cfg, d):
+            if cfg.solver == "eigh":
+                c = top_directions_eigh(gram, cfg.rank, r_norm > cfg.residual_tol * y_norm)
+            else:
+                c = top_directions_subspace(gram, cfg.rank, cfg)
+        outs.append((r, c, r_norm, y_norm))
+    r, c, r_norm, y_norm = (None if o[0] is None else torch.cat(o) for o in zip(*outs))
+    return r, c, r_norm, y_norm
 
 
 # ------------------------------------------------------------------------------------ the sketch solver
@@ -576,11 +596,8 @@ def orthogonal_backfill(
         qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
         r, c, r_norm, y_norm = _solve_sketch(memory.values, qt, evict, w_hat, selection.prompt, config)
     else:
-        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d)
-        gram, r, r_norm, y_norm = _residual_gram(memory.values, qt, evict, w_hat, selection.prompt, config.project)
-        r, c, r_norm, y_norm = _solve_gram(
-            gram.reshape(n_prob, d, d), r.reshape(n_prob, d), r_norm.reshape(-1), y_norm.reshape(-1), config
-        )
+        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
+        r, c, r_norm, y_norm = _solve_gram(memory.values, qt, evict, w_hat, selection.prompt, config)
 
     delta = _restrict(r, c)
     if c is not None:  # at most p evicted rows: C spans the whole row space of R, so delta = r exactly

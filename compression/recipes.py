@@ -125,9 +125,9 @@ class Layerwise(_Scored):
 class _Backfilled(_Scored):
     rank: int | Literal["all"] = Field(4, description="residual directions p (or all)")
     solver: Solver = Field(
-        "sketch",
-        description="sketch (fastest: randomized subspace iteration on thin iterates), subspace, eigh "
-        "(batched solves of the residual Gram matrices) or exact (QR + SVD)",
+        "subspace",
+        description="subspace (batched subspace iteration on the residual Gram matrices), eigh, sketch (faster: "
+        "stops early where the top-p subspace is not defined by the data) or exact (QR + SVD)",
     )
     inject: Literal["uniform", "attention"] = "uniform"
     scale: Literal["ratio", "none", "share"] = "ratio"
