@@ -29,7 +29,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # the job client sends the cluster
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --num-cpus="$NUM_CPUS" --object-store-memory=$((512 * 1024 * 1024)) --disable-usage-stats
 # note: `ray stop` stops every Ray process of this user on the machine, not only this head
-trap '"$RAY" stop' EXIT
+trap '"$RAY" stop 2>&1 | tail -n 1' EXIT
 
 # The job runs on the cluster with this folder as its working directory; `--address auto` makes the relay
 # runtime join the cluster the job runs in instead of starting its own. The job runs in a copy of this folder,
