@@ -34,7 +34,7 @@ $(MODELS_STAMP): $(STAMP)
 
 demo: models
 	$(VENV)/bin/relay compare --graph sequential --relay single --relay text --relay latent \
-		--task gsm8k --n $(DEMO_N) --model qwen2.5-coder-0.5b --latent-steps 10 --out out/demo.jsonl
+		--task gsm8k --n $(DEMO_N) --model qwen2.5-coder-0.5b --latent-steps 10 --out out/demo.jsonl --resume
 
 test: setup
 	$(VENV)/bin/pytest -q
