@@ -293,17 +293,19 @@ def layer_residual_gram(
     return gram, r, r2, y2
 
 
-def _solve_gram(values, qt, evict, w_hat, prompt, cfg):
+def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     """The ``subspace`` / ``eigh`` solvers, one layer at a time (its ``B * H`` problems in one batch, buffers reused
-    so every step works in cache): the Gram of each residual, then its top-p eigenvectors. Returns (r, C or None,
-    ||R||_F, ||Y||_F) over all ``L * B * H`` problems."""
+    so every step works in cache): the kept basis, the Gram of each residual, then its top-p eigenvectors.
+    ``x`` ``[L * B * H, k, d]`` are the kept values, ``kept`` their counts. Returns (r, C or None, ||R||_F, ||Y||_F)
+    over all ``L * B * H`` problems."""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
     buffer = torch.empty(b, h, hi - lo, d, device=values[0].device)
     outs = []
     for i, v in enumerate(values):
-        q = qt[i].reshape(b * h, -1, d) if qt is not None else None
+        rows = slice(i * b * h, (i + 1) * b * h)
+        q = kept_basis(x[rows], kept[rows]) if cfg.project else None
         gram, r, r2, y2 = layer_residual_gram(v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], q, buffer)
         r_norm, y_norm = r2.sqrt(), y2.sqrt()
         c = None
@@ -596,8 +598,7 @@ def orthogonal_backfill(
         qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
         r, c, r_norm, y_norm = _solve_sketch(memory.values, qt, evict, w_hat, selection.prompt, config)
     else:
-        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
-        r, c, r_norm, y_norm = _solve_gram(memory.values, qt, evict, w_hat, selection.prompt, config)
+        r, c, r_norm, y_norm = _solve_gram(memory.values, x, kept_n, evict, w_hat, selection.prompt, config)
 
     delta = _restrict(r, c)
     if c is not None:  # at most p evicted rows: C spans the whole row space of R, so delta = r exactly
