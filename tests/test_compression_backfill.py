@@ -14,6 +14,7 @@ from compression.backfill import (
     apply_backfill,
     backfill_reference_loop,
     kept_basis,
+    layer_residual_gram,
     orthogonal_backfill,
 )
 from compression.scores import compute_scores
@@ -280,3 +281,30 @@ def test_sketch_keeps_a_1_5_gap_over_a_flat_spectral_tail(tail_decay):
     rr = torch.einsum("nt,ntd->nd", w_hat.double(), res)
     want = torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", rr, vh), vh)
     assert float(((delta - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 1e-3
+
+
+@pytest.mark.parametrize("nearly_in_span", [False, True])
+def test_layer_residual_gram_matches_the_explicit_residual(nearly_in_span):
+    """G = P S P (R never formed) against R^T R from R = Y_D - Y_D Q^T Q, r = w_hat^T R and both norms; with
+    ``nearly_in_span`` the evicted rows lie within 1e-3 of the kept span, where P S P cancels and the explicit
+    fallback must take over."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, t, d, k = 2, 3, 40, 16, 6
+    x = torch.randn(b * h, k, d, generator=gen)
+    qt = kept_basis(x, torch.full((b * h,), k))
+    values = torch.randn(b, h, t, d, generator=gen)
+    if nearly_in_span:  # rows = combinations of the kept basis + a tiny out-of-span part
+        coef = torch.randn(b * h, t, k, generator=gen)
+        values = (coef @ qt).view(b, h, t, d) + 1e-3 * values
+    evict = torch.rand(b, h, t, generator=gen) < 0.7
+    w = torch.rand(b, h, t, generator=gen) * evict
+    w_hat = w / w.sum(-1, keepdim=True)
+    gram, r, r2, y2 = layer_residual_gram(values, evict, w_hat, qt)
+    y = values.reshape(b * h, t, d) * evict.reshape(b * h, t, 1)
+    res = y - (y @ qt.mT) @ qt
+    ref = res.mT @ res
+    scale = ref.abs().amax(dim=(1, 2), keepdim=True)
+    assert torch.allclose(gram / scale, ref / scale, atol=1e-4)
+    assert torch.allclose(r, (w_hat.reshape(b * h, 1, t) @ res)[:, 0], atol=1e-5)
+    assert torch.allclose(r2, res.square().sum(dim=(1, 2)), rtol=1e-4)
+    assert torch.allclose(y2, y.square().sum(dim=(1, 2)), rtol=1e-5)
