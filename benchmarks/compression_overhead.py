@@ -196,12 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"max relative |delta| difference over {int(applied.sum())} injected (layer, item, head) problems:")
     print(
-        f"  subspace vs exact: {float(rel(subspace.shift, exact.shift)[applied].max()):.2e}   "
+        f"  L-OBF (rank 4) subspace vs exact: {float(rel(subspace.shift, exact.shift)[applied].max()):.2e}   "
         f"exact vs loop: {float(rel(exact.shift, loop_shift)[applied].max()):.2e}   "
         f"subspace vs loop: {float(rel(subspace.shift, loop_shift)[applied].max()):.2e}   "
         f"sketch vs exact: {float(rel(sketch.shift, exact.shift)[applied].max()):.2e} "
         f"(median {float(rel(sketch.shift, exact.shift)[applied].median()):.2e})"
     )
+    h_exact = orthogonal_backfill(memory, selections["h"], scores, BackfillConfig(rank=2, solver="exact"))
+    h_rel = rel(shifts["H-OBF subspace"].shift, h_exact.shift)[h_exact.applied]
+    print(f"  H-OBF (rank 2) subspace vs exact: max {float(h_rel.max()):.2e}, median {float(h_rel.median()):.2e}")
     both = applied & gap
     if bool(both.any()):
         print(
