@@ -132,13 +132,15 @@ def _align(n: int) -> int:
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
     """Zero-copy byte view of a (CPU, contiguous) tensor."""
-    t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -452,9 +454,9 @@ def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.T
     if len(table) != len(expected):
         raise HeaderError(f"header lists {len(table)} frames; its shapes imply {len(expected)}")
     payload = packet.payload
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # read-only buffers: the tensors alias the packet
         warnings.simplefilter("ignore")
-        base = torch.frombuffer(payload, dtype=torch.uint8).data_ptr() if len(payload) else 0
+        whole = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
     out: dict[str, torch.Tensor] = {}
     end = 0
     for entry, (name, dtype, shape) in zip(table, expected):
@@ -475,22 +477,22 @@ def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.T
             raise HeaderError(
                 f"frame {name!r} at [{offset}, {offset + size}) is misplaced in a {len(payload)}-byte payload"
             )
-        out[name] = _frame(payload, base, offset, size, torch_dtype, shape)
+        out[name] = _frame(whole, offset, size, torch_dtype, shape)
         end = offset + size
     if _align(end) != _align(len(payload)) or any(payload[end:]):
         raise HeaderError(f"payload has {len(payload) - end} bytes after the last frame")
     return out
 
 
-def _frame(payload: memoryview, base: int, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
+def _frame(whole: torch.Tensor, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Frame ``[offset, offset + size)`` of the payload ``whole`` (uint8) as ``dtype`` ``shape``: a view where the
+    address is aligned for ``dtype``, else a copy."""
     if size == 0:
         return torch.empty(shape, dtype=dtype)
-    chunk = payload[offset : offset + size]
-    if (base + offset) % dtype.itemsize:
-        chunk = memoryview(bytearray(chunk))
-    with warnings.catch_warnings():  # read-only buffers: the tensors alias the packet
-        warnings.simplefilter("ignore")
-        return torch.frombuffer(chunk, dtype=dtype).view(shape)
+    chunk = whole[offset : offset + size]
+    if chunk.data_ptr() % dtype.itemsize:
+        chunk = chunk.clone()
+    return chunk.view(dtype).view(shape)
 
 
 def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None) -> LatentMessage:
