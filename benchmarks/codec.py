@@ -6,8 +6,8 @@
    memory copy of the same bytes (``bytes(memoryview)`` and ``torch.cat`` + ``clone`` of the tensors), in GB/s
    of cache bytes (medians over repeats). Encode = one copy into the packet + the XXH3-128 checksum;
    decode = checksum check + zero-copy ``torch.frombuffer`` views (raw) or inflate + views (zstd).
-2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode, and
-   the share of the hop spent serializing.
+2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
+   receiver's dequantization for ``+int8``), and the share of the hop spent in the wire codec (encode + decode).
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -103,7 +103,11 @@ def codec_rows(memory: KVState, repeats: int) -> list[tuple[str, float, float, f
 
 
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
-    """(recipe, compress s, encode s, decode s, packet bytes) of one relay hop, or (recipe, error)."""
+    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes) of one relay hop, or (recipe, error).
+
+    Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
+    recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
+    """
     from compression import compress
 
     rows: list[tuple] = []
@@ -117,8 +121,10 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
         comp = median_seconds(lambda recipe=recipe: compress(memory, observation, recipe), max(1, repeats // 2))
         packet = wire.encode(message)
         enc = median_seconds(lambda message=message: wire.encode(message), repeats)
-        dec = median_seconds(lambda packet=packet: wire.decode(packet).unpacked(), repeats)
-        rows.append((recipe, comp, enc, dec, len(packet)))
+        dec = median_seconds(lambda packet=packet: wire.decode(packet), repeats)
+        received = wire.decode(packet)
+        deq = median_seconds(received.unpacked, repeats) if received.recipe.endswith(("int8", "int4")) else 0.0
+        rows.append((recipe, comp, enc, dec, deq, len(packet)))
     return rows
 
 
@@ -152,7 +158,7 @@ def main() -> None:
                 f"{both / copy_rate:>10.0%}"
             )
         print(
-            f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'packet MB':>10}"
+            f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
             f"{'serialization share':>21}"
         )
         try:
@@ -164,9 +170,11 @@ def main() -> None:
                 print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
                 print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
                 continue
-            recipe, comp, enc, dec, size = row
-            share = (enc + dec) / (comp + enc + dec)
-            print(f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}")
+            recipe, comp, enc, dec, deq, size = row
+            share = (enc + dec) / (comp + enc + dec + deq)
+            print(
+                f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}"
+            )
         del memory, observation
 
 
