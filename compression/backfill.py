@@ -12,9 +12,9 @@ back into the kept values, at no extra bytes. For each (item, layer, KV head) wi
     V[j] += alpha * delta               # every kept prompt value of that head
 
 Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
-the solver (``exact``: batched QR + SVD in fp32; ``subspace``: Cholesky-QR kept basis, residuals and their d x d
-Gram matrices ``R^T R`` built layer by layer over the prompt span, then batched subspace iteration with
-Rayleigh-Ritz on all (layer, item, head) problems at once; ``eigh``: one batched eigen-solve of the same Gram
+the solver (``exact``: batched QR + SVD in fp32; ``subspace``: per layer, with all its (item, head) problems in one
+batch and cache-sized buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P`` without
+forming ``R``, then batched subspace iteration with Rayleigh-Ritz; ``eigh``: a batched eigen-solve of the same Gram
 matrices; ``sketch``: neither ``R`` nor ``R^T R`` is formed, ``P = I - Q^T Q`` is applied to thin
 iterates only, and randomized subspace iteration streams the values in small cache-sized blocks, with a block
 Krylov Rayleigh-Ritz and a per-problem a posteriori stopping rule), the inject and scale modes, and the published
