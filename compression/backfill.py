@@ -535,8 +535,7 @@ def _sketch_layer(
 
 def _solve_sketch(values, qt, evict, w_hat, prompt, cfg):
     """The ``sketch`` solver over all layers (one batch of ``B * H`` problems per layer): r, C, norms."""
-    cols = prompt.any(dim=0).nonzero()
-    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
     p = None if _use_all_components(cfg, d) else cfg.rank
