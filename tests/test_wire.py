@@ -116,6 +116,32 @@ def test_payload_flip_is_a_checksum_error():
         decode(packet)
 
 
+def test_checksum_tree_over_chunks(monkeypatch):
+    """The checksum is XXH3-128(header block + XXH3-128 of each DIGEST_CHUNK of the payload), the leaves hashed by
+    the thread pool; chunk edges fall inside frames, and a flip in any chunk is caught."""
+    import xxhash
+
+    monkeypatch.setattr(wire, "DIGEST_CHUNK", 500)
+    memory = make_memory()
+    packet = encode(LatentMessage("a", memory))
+    header_len = wire.PREFIX.unpack_from(packet)[3]
+    start = wire._align(wire.PREFIX.size + header_len)
+    payload = packet[start:-wire.DIGEST_SIZE]
+    assert len(payload) > 3 * 500
+    ref = xxhash.xxh3_128(seed=wire.DIGEST_SEED)
+    ref.update(packet[:start])
+    for i in range(0, len(payload), 500):
+        ref.update(xxhash.xxh3_128(payload[i : i + 500], seed=wire.DIGEST_SEED).digest())
+    assert packet[-wire.DIGEST_SIZE :] == ref.digest()
+    out = decode(packet).memory
+    assert all(torch.equal(a, b) for a, b in zip(out.values, memory.values, strict=True))
+    for at in (start + 10, start + 777, len(packet) - wire.DIGEST_SIZE - 1):
+        bad = bytearray(packet)
+        bad[at] ^= 0x01
+        with pytest.raises(ChecksumError):
+            decode(bad)
+
+
 def test_other_model_is_rejected_naming_both():
     packet = encode(LatentMessage("a", make_memory(fingerprint="qwen2.5-0.5b@abc123")))
     with pytest.raises(ModelMismatchError) as err:
@@ -190,8 +216,8 @@ def test_zstd_bomb_is_refused_before_inflating():
 
 def test_unsupported_version_and_flags():
     header, stored, raw_len, flags = split(seed_packets()[1])
-    with pytest.raises(UnsupportedVersionError, match="version 2"):
-        decode(seal(header, stored, raw_len, flags, version=2))
+    with pytest.raises(UnsupportedVersionError, match=f"version {wire.FORMAT_VERSION + 1}"):
+        decode(seal(header, stored, raw_len, flags, version=wire.FORMAT_VERSION + 1))
     with pytest.raises(HeaderError, match="flags"):
         decode(seal(header, stored, raw_len, flags=4))
     with pytest.raises(HeaderError, match="flags"):
