@@ -220,8 +220,10 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
         step, reps = gram @ gram, cfg.iterations // 2
     for i in range(reps):
         zt = zt @ step
-        if step is not gram or (i + 1) % cfg.orth_every == 0 or i + 1 == reps:
+        if i + 1 == reps:
             zt = torch.linalg.qr(zt.mT).Q.mT
+        elif step is not gram or (i + 1) % cfg.orth_every == 0:
+            zt = _orthonormalize_rows(zt, passes=1, check=False)
     t = (zt @ gram) @ zt.mT
     _, u = torch.linalg.eigh(torch.nan_to_num(0.5 * (t + t.mT)))
     return u[..., -p:].mT @ zt
@@ -259,29 +261,33 @@ def layer_residual_gram(
     w_hat: torch.Tensor,
     qt: torch.Tensor | None,
     buffer: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ):
     """One layer's problems: the Gram ``G = R^T R`` ``[N, d, d]`` of the residual ``R = Y_D - Y_D Q^T Q`` of the
     evicted rows, ``r = w_hat^T R`` ``[N, d]``, ``||R||_F^2`` and ``||Y_D||_F^2`` ``[N]``.
 
     ``v`` ``[B, H, T, d]`` are the layer's values over the prompt span, ``evict`` ``[B, H, T]`` the evicted slots,
     ``w_hat`` ``[B, H, T]`` (zero off the evicted slots), ``qt`` ``Q^T`` ``[N, k, d]`` (``None``: no projection,
-    ``R = Y_D``), ``buffer`` an optional float32 ``[B, H, T, d]`` to reuse. ``R`` is never formed: with
+    ``R = Y_D``), ``buffer`` an optional float32 ``[B, H, T, d]`` to reuse, ``out`` an optional ``[N, d, d]`` for the
+    Gram. ``R`` is never formed: with
     ``S = Y_D^T Y_D`` and ``P = I - Q^T Q``, ``G = P S P = S - (E + E^T)`` with ``E = (S Q^T - Q^T Q S Q^T / 2) Q``
     (``d x d x k`` products instead of two ``T x d x k`` ones). Where ``||R||`` is below a tenth of ``||Y_D||``
     that difference of large terms loses digits in float32, so those problems are recomputed from ``R`` itself.
     """
     b, h, t, d = v.shape
     m = evict[..., None].to(torch.float32)
-    ym = torch.mul(v, m, out=buffer) if buffer is not None else v * m  # Y_D (float32), zero off the evicted rows
+    if buffer is None:
+        buffer = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    ym = buffer.copy_(v).mul_(m)  # Y_D (float32), zero off the evicted rows
     ym = ym.view(b * h, t, d)
-    gram = ym.mT @ ym  # S
+    gram = torch.matmul(ym.mT, ym, out=out)  # S
     u = (w_hat.reshape(b * h, 1, t).to(torch.float32) @ ym)[:, 0]  # w_hat^T Y_D
     y2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     if qt is None:
         return gram, u, y2, y2
     a = gram @ qt.mT  # S Q^T  [N, d, k]
-    e = a.sub_(qt.mT @ (qt @ a), alpha=0.5) @ qt
-    gram.sub_(e).sub_(e.mT)
+    a.sub_(qt.mT @ (qt @ a), alpha=0.5)  # A = S Q^T - Q^T Q S Q^T / 2, E = A Q
+    gram.baddbmm_(a, qt, alpha=-1).baddbmm_(qt.mT, a.mT, alpha=-1)  # S - E - E^T, inside the two products
     r = u - (u[:, None, :] @ qt.mT @ qt)[:, 0]
     r2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     small = ((r2 < 1e-2 * y2) & (y2 > 0)).nonzero().squeeze(1)
@@ -293,20 +299,46 @@ def layer_residual_gram(
     return gram, r, r2, y2
 
 
+#: bytes of residual Gram matrices solved together: layers are grouped so that a group's ``[N, d, d]`` Grams (and
+#: the subspace iteration's square of them) fit this, small enough to be reused warm from the allocator, large
+#: enough that each batched step covers hundreds of problems (on a small CPU the per-call cost dominates)
+_GRAM_GROUP_BYTES = 16 << 20
+
+
 def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
-    """The ``subspace`` / ``eigh`` solvers, one layer at a time (its ``B * H`` problems in one batch, buffers reused
-    so every step works in cache): the kept basis, the Gram of each residual, then its top-p eigenvectors.
+    """The ``subspace`` / ``eigh`` solvers, a group of layers at a time: per layer (all its ``B * H`` problems in
+    one batch, the value buffer reused so the step works in cache) the kept basis and the Gram of each residual,
+    written into the group's buffer; then the top-p eigenvectors of the whole group's Grams in one batch.
     ``x`` ``[L * B * H, k, d]`` are the kept values, ``kept`` their counts. Returns (r, C or None, ||R||_F, ||Y||_F)
     over all ``L * B * H`` problems."""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
-    buffer = torch.empty(b, h, hi - lo, d, device=values[0].device)
+    device = values[0].device
+    per_layer = b * h
+    group = max(1, min(n_layers, _GRAM_GROUP_BYTES // max(1, per_layer * d * d * 4)))
+    buffer = torch.empty(b, h, hi - lo, d, device=device)
+    grams = torch.empty(group * per_layer, d, d, device=device)
     outs = []
-    for i, v in enumerate(values):
-        rows = slice(i * b * h, (i + 1) * b * h)
+    for first in range(0, n_layers, group):
+        layers = range(first, min(n_layers, first + group))
+        rows = slice(first * per_layer, layers[-1] * per_layer + per_layer)
         q = kept_basis(x[rows], kept[rows]) if cfg.project else None
-        gram, r, r2, y2 = layer_residual_gram(v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], q, buffer)
+        parts = []
+        for j, i in enumerate(layers):
+            own = slice(j * per_layer, (j + 1) * per_layer)
+            parts.append(
+                layer_residual_gram(
+                    values[i][:, :, lo:hi],
+                    evict[i, :, :, lo:hi],
+                    w_hat[i, :, :, lo:hi],
+                    None if q is None else q[own],
+                    buffer,
+                    out=grams[own],
+                )[1:]
+            )
+        gram = grams[: len(layers) * per_layer]
+        r, r2, y2 = (torch.cat(t) for t in zip(*parts))
         r_norm, y_norm = r2.sqrt(), y2.sqrt()
         c = None
         if not _use_all_components(cfg, d):
@@ -325,20 +357,29 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
 _SKETCH_BLOCK = 4
 
 
-def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR twice (the ``m x m`` parts in
-    float64), Householder QR where that fails (rank-deficient rows)."""
+def _orthonormalize_rows(w: torch.Tensor, passes: int = 2, check: bool = True) -> torch.Tensor:
+    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR ``passes`` times (the
+    ``m x m`` parts in float64), Householder QR where that fails (rank-deficient rows) or, with ``check``, where
+    the result is not orthonormal to 1e-5.
+
+    ``passes=1, check=False`` is the cheap inner step of subspace iteration: one pass with a 1e-5 ridge (so it
+    never fails; zero rows stay zero), orthonormal only roughly where the rows are ill-conditioned. That is
+    enough between iteration steps, whose later products damp the error; the last step uses a full QR."""
     n, m, _ = w.shape
     eye = torch.eye(m, dtype=torch.float64, device=w.device).expand(n, m, m)
     z = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     bad = torch.zeros(n, dtype=torch.bool, device=w.device)
-    for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex((z @ z.mT).double())
+    for _ in range(passes):
+        gram = (z @ z.mT).double()
+        if not check:
+            gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
+        chol, info = torch.linalg.cholesky_ex(gram)
         bad |= info != 0
         inv = torch.linalg.solve_triangular(chol, eye, upper=False)
         z = torch.nan_to_num(inv.to(w.dtype)) @ z
-    off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
-    bad |= off > 1e-5
+    if check:
+        off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
+        bad |= off > 1e-5
     if bool(bad.any()):
         z = z.clone()
         z[bad] = torch.linalg.qr(w[bad].mT).Q.mT

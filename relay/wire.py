@@ -31,9 +31,7 @@ before anything is inflated), layers, heads, tokens and frames. Every problem ra
 from __future__ import annotations
 
 import math
-import os
 import struct
-import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +45,7 @@ import zstandard
 
 from relay.memory import KVState, MemoryError_, Segment
 from relay.messages import LatentMessage, TextMessage
+from relay.threads import available_cpus, shared_pool
 
 MAGIC = b"LRLY"
 FORMAT_VERSION = 2  # 2: chunked (tree) checksum
@@ -160,19 +159,9 @@ def _chunks(payload: Sequence[memoryview]) -> list[list[memoryview]]:
     return chunks
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_POOL_LOCK = threading.Lock()
-
-
 def _hash_pool() -> ThreadPoolExecutor:
-    """The checksum threads (at most 4, one per available CPU), created on first use and again after a fork
-    (a forked child inherits the pool object but not its threads)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
-            workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-            _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="relay-wire-digest"))
-        return _POOL[1]
+    """The checksum threads: at most 4, one per available CPU."""
+    return shared_pool("wire-digest", min(4, available_cpus()))
 
 
 # ------------------------------------------------------------------------------------------------ encode
