@@ -308,3 +308,22 @@ def test_layer_residual_gram_matches_the_explicit_residual(nearly_in_span):
     assert torch.allclose(r, (w_hat.reshape(b * h, 1, t) @ res)[:, 0], atol=1e-5)
     assert torch.allclose(r2, res.square().sum(dim=(1, 2)), rtol=1e-4)
     assert torch.allclose(y2, y.square().sum(dim=(1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["subspace", "eigh"])
+def test_layer_groups_give_the_same_answer(monkeypatch, solver):
+    """The Gram solvers work a group of layers at a time; any grouping (uneven last group included) gives the same
+    shifts and norms as one group of all layers."""
+    import compression.backfill as backfill
+
+    lay = Layout(batch=2, layers=5, heads=2, head_dim=16, prompts=(20, 14), seed=3)
+    memory, scores, selection = setup(lay, 5, layerwise=False)
+    cfg = BackfillConfig(rank=2, solver=solver)
+    whole = orthogonal_backfill(memory, selection, scores, cfg)
+    per_layer = lay.batch * lay.heads * lay.head_dim**2 * 4
+    for layers_per_group in (1, 2):
+        monkeypatch.setattr(backfill, "_GRAM_GROUP_BYTES", layers_per_group * per_layer)
+        got = orthogonal_backfill(memory, selection, scores, cfg)
+        torch.testing.assert_close(got.shift, whole.shift, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.residual_norm, whole.residual_norm)
+        assert torch.equal(got.applied, whole.applied)
