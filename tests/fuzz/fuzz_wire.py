@@ -3,7 +3,8 @@
 Cycles through random inputs, byte mutations of small valid packets of every kind (only an edit that leaves
 the packet unchanged may decode), and forged packets (valid
 checksum, hostile header edits, see :mod:`tests.fuzz.mutate`). Every input must decode or raise a PacketError
-within ``--max-seconds``; anything else is printed with its reproducer (kind, seed) and fails the run.
+within ``--max-seconds``; anything else is printed with its reproducer (kind, seed; ``--replay KIND:SEED`` decodes
+that one input again) and fails the run. The limit is wall-clock time: pausing the process fails it.
 Prints progress and, at the end, the outcome counts by exception type.
 """
 
@@ -38,9 +39,21 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", type=int, default=50_000, help="print progress every N inputs")
     parser.add_argument("--max-seconds", type=float, default=1.0, help="per-input time limit")
+    parser.add_argument("--replay", metavar="KIND:SEED", help="decode the one input a failure line names, and exit")
     args = parser.parse_args()
 
     seeds = mutate.seeds()
+    if args.replay:
+        kind, _, seed = args.replay.partition(":")
+        data = one(kind, int(seed), seeds)
+        t0 = time.perf_counter()
+        try:
+            wire.decode(data, limits=mutate.LIMITS)
+            outcome = "decoded"
+        except wire.PacketError as e:
+            outcome = f"{type(e).__name__}: {e}"
+        print(f"{kind}:{seed} ({len(data):,} bytes): {outcome} in {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        return 0
     originals = set(seeds)
     kinds = ("random", "mutate", "forge")
     outcomes: collections.Counter[str] = collections.Counter()
@@ -61,12 +74,12 @@ def main() -> int:
             outcomes[f"{kind}: {type(e).__name__}"] += 1
         except Exception:  # noqa: BLE001 - the point of the fuzzer
             failures += 1
-            print(f"FAIL kind={kind} seed={seed}\n{traceback.format_exc()}", flush=True)
+            print(f"FAIL kind={kind} seed={seed} (--replay {kind}:{seed})\n{traceback.format_exc()}", flush=True)
         took = time.perf_counter() - t0
         slowest = max(slowest, took)
         if took > args.max_seconds:
             failures += 1
-            print(f"SLOW kind={kind} seed={seed}: {took:.2f} s", flush=True)
+            print(f"SLOW kind={kind} seed={seed}: {took:.2f} s (--replay {kind}:{seed})", flush=True)
         if (i + 1) % args.progress == 0:
             rate = (i + 1) / (time.perf_counter() - start)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
