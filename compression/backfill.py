@@ -32,6 +32,7 @@ import torch
 
 from compression.selectors import Gathered, Selection, gather_tokens
 from relay.memory import KVState
+from relay.threads import shared_pool
 
 Solver = Literal["exact", "subspace", "eigh", "sketch"]
 
@@ -310,17 +311,26 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     one batch, the value buffer reused so the step works in cache) the kept basis and the Gram of each residual,
     written into the group's buffer; then the top-p eigenvectors of the whole group's Grams in one batch.
     ``x`` ``[L * B * H, k, d]`` are the kept values, ``kept`` their counts. Returns (r, C or None, ||R||_F, ||Y||_F)
-    over all ``L * B * H`` problems."""
+    over all ``L * B * H`` problems.
+
+    On a CPU the subspace iteration of a group runs in a worker thread while the next group's Grams are formed
+    (two Gram buffers take turns): the iteration's small LAPACK calls run on one core and would leave the other
+    idle."""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
     device = values[0].device
     per_layer = b * h
     group = max(1, min(n_layers, _GRAM_GROUP_BYTES // max(1, per_layer * d * d * 4)))
+    directions = not _use_all_components(cfg, d)
+    overlap = directions and cfg.solver == "subspace" and device.type == "cpu" and n_layers > group
     buffer = torch.empty(b, h, hi - lo, d, device=device)
-    grams = torch.empty(group * per_layer, d, d, device=device)
-    outs = []
-    for first in range(0, n_layers, group):
+    gram_buffers = [torch.empty(group * per_layer, d, d, device=device) for _ in range(2 if overlap else 1)]
+    rs, cs, r_norms, y_norms = [], [], [], []
+    for g, first in enumerate(range(0, n_layers, group)):
+        if overlap and g >= 2:
+            cs[g - 2] = cs[g - 2].result()  # its Gram buffer is about to be reused
+        grams = gram_buffers[g % len(gram_buffers)]
         layers = range(first, min(n_layers, first + group))
         rows = slice(first * per_layer, layers[-1] * per_layer + per_layer)
         q = kept_basis(x[rows], kept[rows]) if cfg.project else None
@@ -339,16 +349,19 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
             )
         gram = grams[: len(layers) * per_layer]
         r, r2, y2 = (torch.cat(t) for t in zip(*parts))
-        r_norm, y_norm = r2.sqrt(), y2.sqrt()
-        c = None
-        if not _use_all_components(cfg, d):
-            if cfg.solver == "eigh":
-                c = top_directions_eigh(gram, cfg.rank, r_norm > cfg.residual_tol * y_norm)
-            else:
-                c = top_directions_subspace(gram, cfg.rank, cfg)
-        outs.append((r, c, r_norm, y_norm))
-    r, c, r_norm, y_norm = (None if o[0] is None else torch.cat(o) for o in zip(*outs))
-    return r, c, r_norm, y_norm
+        rs.append(r)
+        r_norms.append(r2.sqrt())
+        y_norms.append(y2.sqrt())
+        if not directions:
+            continue
+        if cfg.solver == "eigh":
+            cs.append(top_directions_eigh(gram, cfg.rank, r_norms[-1] > cfg.residual_tol * y_norms[-1]))
+        elif overlap:
+            cs.append(shared_pool("backfill", 1).submit(top_directions_subspace, gram, cfg.rank, cfg))
+        else:
+            cs.append(top_directions_subspace(gram, cfg.rank, cfg))
+    c = torch.cat([ci if isinstance(ci, torch.Tensor) else ci.result() for ci in cs]) if directions else None
+    return torch.cat(rs), c, torch.cat(r_norms), torch.cat(y_norms)
 
 
 # ------------------------------------------------------------------------------------ the sketch solver
