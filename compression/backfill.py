@@ -12,9 +12,10 @@ back into the kept values, at no extra bytes. For each (item, layer, KV head) wi
     V[j] += alpha * delta               # every kept prompt value of that head
 
 Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
-the solver (``exact``: batched QR + SVD in fp32; ``subspace``: per layer, with all its (item, head) problems in one
-batch and cache-sized buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P`` without
-forming ``R``, then batched subspace iteration with Rayleigh-Ritz; ``eigh``: a batched eigen-solve of the same Gram
+the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers at a time, each layer's (item, head)
+problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
+without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz,
+overlapped with the next group's Grams on a CPU; ``eigh``: a batched eigen-solve of the same Gram
 matrices; ``sketch``: neither ``R`` nor ``R^T R`` is formed, ``P = I - Q^T Q`` is applied to thin
 iterates only, and randomized subspace iteration streams the values in small cache-sized blocks, with a block
 Krylov Rayleigh-Ritz and a per-problem a posteriori stopping rule), the inject and scale modes, and the published
@@ -185,6 +186,35 @@ def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         qt = qt.clone()
         qt[bad] = _householder_basis(x[bad], kept[bad])
     return qt * valid[..., None]
+
+
+def _orthonormalize_rows(w: torch.Tensor, passes: int = 2, check: bool = True) -> torch.Tensor:
+    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR ``passes`` times (the
+    ``m x m`` parts in float64), Householder QR where that fails (rank-deficient rows) or, with ``check``, where
+    the result is not orthonormal to 1e-5.
+
+    ``passes=1, check=False`` is the cheap inner step of subspace iteration: one pass with a 1e-5 ridge (so it
+    never fails; zero rows stay zero), orthonormal only roughly where the rows are ill-conditioned. That is
+    enough between iteration steps, whose later products damp the error; the last step uses a full QR."""
+    n, m, _ = w.shape
+    eye = torch.eye(m, dtype=torch.float64, device=w.device).expand(n, m, m)
+    z = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    bad = torch.zeros(n, dtype=torch.bool, device=w.device)
+    for _ in range(passes):
+        gram = (z @ z.mT).double()
+        if not check:
+            gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        bad |= info != 0
+        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        z = torch.nan_to_num(inv.to(w.dtype)) @ z
+    if check:
+        off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
+        bad |= off > 1e-5
+    if bool(bad.any()):
+        z = z.clone()
+        z[bad] = torch.linalg.qr(w[bad].mT).Q.mT
+    return z
 
 
 def _householder_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -368,35 +398,6 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
 #: problems per block of the passes over ``Y``: a block is converted to float32 and both thin products of a step
 #: read it while it sits in L2 cache
 _SKETCH_BLOCK = 4
-
-
-def _orthonormalize_rows(w: torch.Tensor, passes: int = 2, check: bool = True) -> torch.Tensor:
-    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR ``passes`` times (the
-    ``m x m`` parts in float64), Householder QR where that fails (rank-deficient rows) or, with ``check``, where
-    the result is not orthonormal to 1e-5.
-
-    ``passes=1, check=False`` is the cheap inner step of subspace iteration: one pass with a 1e-5 ridge (so it
-    never fails; zero rows stay zero), orthonormal only roughly where the rows are ill-conditioned. That is
-    enough between iteration steps, whose later products damp the error; the last step uses a full QR."""
-    n, m, _ = w.shape
-    eye = torch.eye(m, dtype=torch.float64, device=w.device).expand(n, m, m)
-    z = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    bad = torch.zeros(n, dtype=torch.bool, device=w.device)
-    for _ in range(passes):
-        gram = (z @ z.mT).double()
-        if not check:
-            gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        bad |= info != 0
-        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-        z = torch.nan_to_num(inv.to(w.dtype)) @ z
-    if check:
-        off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
-        bad |= off > 1e-5
-    if bool(bad.any()):
-        z = z.clone()
-        z[bad] = torch.linalg.qr(w[bad].mT).Q.mT
-    return z
 
 
 def _ritz(zt: torch.Tensor, bt: torch.Tensor, w: int):
