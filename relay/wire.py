@@ -191,7 +191,9 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
         t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at its bytes
+        t = t.reshape(-1).view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -509,6 +511,7 @@ def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.T
         warnings.simplefilter("ignore")
         whole = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
     out: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
     end = 0
     for entry, (name, dtype, shape) in zip(table, expected):
         if not (isinstance(entry, list) and len(entry) == 5):
@@ -528,22 +531,30 @@ def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.T
             raise HeaderError(
                 f"frame {name!r} at [{offset}, {offset + size}) is misplaced in a {len(payload)}-byte payload"
             )
-        out[name] = _frame(whole, offset, size, torch_dtype, shape)
+        out[name] = _frame(whole, typed, offset, size, torch_dtype, shape)
         end = offset + size
     if _align(end) != _align(len(payload)) or any(payload[end:]):
         raise HeaderError(f"payload has {len(payload) - end} bytes after the last frame")
     return out
 
 
-def _frame(whole: torch.Tensor, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Frame ``[offset, offset + size)`` of the payload ``whole`` (uint8) as ``dtype`` ``shape``: a view where the
-    address is aligned for ``dtype``, else a copy."""
+def _frame(whole: torch.Tensor, typed: dict, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Frame ``[offset, offset + size)`` of the payload ``whole`` (uint8) as ``dtype`` ``shape``: a strided view of
+    the whole payload seen as ``dtype`` (kept in ``typed``, one per dtype) where the address is aligned for
+    ``dtype``, else a copy. Offsets are multiples of 64, so only the buffer's own address can be misaligned."""
     if size == 0:
         return torch.empty(shape, dtype=dtype)
-    chunk = whole[offset : offset + size]
-    if chunk.data_ptr() % dtype.itemsize:
-        chunk = chunk.clone()
-    return chunk.view(dtype).view(shape)
+    item = dtype.itemsize
+    if whole.data_ptr() % item:
+        return whole[offset : offset + size].clone().view(dtype).view(shape)
+    base = typed.get(dtype)
+    if base is None:
+        base = typed[dtype] = whole[: len(whole) - len(whole) % item].view(dtype)
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return base.as_strided(tuple(shape), tuple(reversed(strides)), offset // item)
 
 
 def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None) -> LatentMessage:

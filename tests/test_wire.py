@@ -94,8 +94,21 @@ def test_decode_is_zero_copy_when_aligned():
     buf = bytearray(packet)
     out = decode(buf)
     start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
-    ptr = out.memory.keys[0].data_ptr()
-    assert start <= ptr < start + len(buf)
+    for t in (*out.memory.keys, *out.memory.values, out.memory.position):
+        assert start <= t.data_ptr() < start + len(buf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_of_a_misaligned_buffer_copies_and_is_still_exact(dtype):
+    memory = make_memory(tokens=16, dim=16, dtype=dtype)
+    packet = encode(LatentMessage("a", memory))
+    backing = bytearray(len(packet) + 1)
+    backing[1:] = packet
+    view = memoryview(backing)[1:]  # an odd address: no frame can be a view of it
+    out = decode(view).memory
+    for got, want in zip((*out.keys, *out.values), (*memory.keys, *memory.values), strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(out.position, memory.position)
 
 
 def test_every_single_bit_flip_is_rejected():
