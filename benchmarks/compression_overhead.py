@@ -2,7 +2,7 @@
 
 Times one relay hop (score -> select -> backfill) of H, L, and L-OBF / H-OBF with each solver, and the
 faithful per-(item, layer, head) loop of OBF as in the paper's code, on the same memory, and prints a table with
-ratios to the loop (the OBF solves timed in rounds of loop + every solver; medians) plus the relative difference
+ratios to the loop (timed in rounds of loop + every method; medians) plus the relative difference
 of the injected delta of each fast solver to exact, by the spectral gap sigma_p / sigma_{p+1} of each problem.
 
     python -m benchmarks.compression_overhead            # 36 layers, 8 KV heads, d=128, batch 4, 500-token prompts
@@ -115,8 +115,7 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (4 layers, batch 2, 120-token prompts)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each hop (median reported)")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of (reference loop, every solver) solve timings")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (the reference loop, then every method)")
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -164,14 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     scores = compute_scores(memory, obs)
     prompt = prompt_mask(memory, current_agent_index(memory, obs))
     selections = {"l": select_layerwise(scores, prompt, b), "h": select_headwise(scores, prompt, b)}
-    rows: dict[str, float] = {}
-    for name, (recipe, _, _) in methods.items():
-        print(f"timing the {name} hop ...", flush=True)
-        rows[name], _ = timed(lambda r=recipe: compress(memory, obs, r), 1 if "exact" in name else args.repeats)
 
-    # The OBF solves alone, on the same selections, in rounds: each round times the paper's loop once, then every
-    # solver once, so that each ratio compares runs made seconds apart (a shared VM drifts by 20% over minutes);
-    # the table shows medians over rounds.
+    # Timed in rounds: each round runs the paper's loop once, then every method's hop and OBF solve once, so that
+    # each ratio compares runs made seconds apart (a shared VM drifts by 20% over minutes); the table shows medians
+    # over rounds, the ratios being medians of per-round ratios. The exact solver is timed once, before the rounds.
+    def hop_fn(name: str) -> Callable[[], object]:
+        return lambda: compress(memory, obs, methods[name][0])
+
     def solve_fn(name: str) -> Callable[[], object]:
         _, kind, cfg = methods[name]
         return lambda: orthogonal_backfill(memory, selections[kind], scores, cfg)
@@ -181,35 +179,51 @@ def main(argv: list[str] | None = None) -> None:
 
     shifts: dict[str, object] = {}
     print("timing L-OBF exact (one run) ...", flush=True)
+    exact_hop, _ = timed(hop_fn("L-OBF exact"), 1)
     exact_s, shifts["L-OBF exact"] = timed(solve_fn("L-OBF exact"), 1)
-    fast = [name for name, (_, _, cfg) in methods.items() if cfg is not None and cfg.solver != "exact"]
+    hops: dict[str, list[float]] = {name: [] for name in methods if name != "L-OBF exact"}
+    solves: dict[str, list[float]] = {name: [] for name in hops if methods[name][2] is not None}
     loop_times: list[float] = []
-    times: dict[str, list[float]] = {name: [] for name in fast}
     for i in range(args.rounds):
-        print(f"round {i + 1}/{args.rounds}: the per-head loop (paper), then each solver ...", flush=True)
+        print(f"round {i + 1}/{args.rounds}: the per-head loop (paper), then every method ...", flush=True)
         t, loop_shift = timed(loop_fn, 1)
         loop_times.append(t)
-        for name in fast:
-            t, shifts[name] = timed(solve_fn(name), 1)
-            times[name].append(t)
-    loop_solve = statistics.median(loop_times)
-    solve = {"L-OBF exact": exact_s, **{name: statistics.median(ts) for name, ts in times.items()}}
-    solve_ratio = {"L-OBF exact": loop_solve / exact_s}
-    for name, ts in times.items():
-        solve_ratio[name] = statistics.median(lp / t for lp, t in zip(loop_times, ts, strict=True))
-    rows["L-OBF loop (paper)"] = rows["L"] + loop_solve  # same hop, the backfill done by the per-head loop
-    solve["L-OBF loop (paper)"], solve_ratio["L-OBF loop (paper)"] = loop_solve, 1.0
+        for name in hops:
+            hops[name].append(timed(hop_fn(name), 1)[0])
+            if name in solves:
+                t, shifts[name] = timed(solve_fn(name), 1)
+                solves[name].append(t)
+    loop_hops = [lh + lp for lh, lp in zip(hops["L"], loop_times, strict=True)]  # the L hop, backfilled by the loop
 
-    loop = rows["L-OBF loop (paper)"]
+    def ratio(times: list[float], base: list[float]) -> float:
+        return statistics.median(b / t for b, t in zip(base, times, strict=True))
+
+    table = {
+        "L-OBF exact": (
+            exact_hop,
+            statistics.median(loop_hops) / exact_hop,
+            exact_s,
+            statistics.median(loop_times) / exact_s,
+        )
+    }
+    for name, ts in hops.items():
+        s = solves.get(name)
+        table[name] = (
+            statistics.median(ts),
+            ratio(ts, loop_hops),
+            statistics.median(s) if s else None,
+            ratio(s, loop_times) if s else None,
+        )
+    table["L-OBF loop (paper)"] = (statistics.median(loop_hops), 1.0, statistics.median(loop_times), 1.0)
     print()
     print(f"{'method':<20} {'hop s':>9} {'x vs loop':>10} {'OBF solve s':>12} {'solve x vs loop':>16}")
-    for name, sec in rows.items():
-        s = solve.get(name)
-        solve_cols = f"{s:>12.3f} {solve_ratio[name]:>16.1f}" if s is not None else f"{'-':>12} {'-':>16}"
-        print(f"{name:<20} {sec:>9.3f} {loop / sec:>10.1f} {solve_cols}")
+    for name in (*methods, "L-OBF loop (paper)"):
+        hop, hop_x, solve, solve_x = table[name]
+        solve_cols = f"{solve:>12.3f} {solve_x:>16.1f}" if solve is not None else f"{'-':>12} {'-':>16}"
+        print(f"{name:<20} {hop:>9.3f} {hop_x:>10.1f} {solve_cols}")
     print(
-        f"(hop: median of {args.repeats} runs; solve: median of {args.rounds} rounds, its ratio the median of the "
-        f"per-round ratios to the loop; loop solve per round: {', '.join(f'{t:.2f}' for t in loop_times)} s)"
+        f"(medians of {args.rounds} rounds; each ratio the median of per-round ratios to the loop; loop solve per "
+        f"round: {', '.join(f'{t:.2f}' for t in loop_times)} s)"
     )
 
     def rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     for prefix, kind, rank, ref in (("L-OBF", "l", 4, exact), ("H-OBF", "h", 2, h_exact)):
         gap = spectral_gap(memory, selections[kind], scores, rank)
         print(f"  {prefix} (rank {rank}), by the gap sigma_{rank}/sigma_{rank + 1} of each problem's residual:")
-        for name in fast:
+        for name in solves:
             if not name.startswith(prefix):
                 continue
             err = rel(shifts[name].shift, ref.shift)
