@@ -14,8 +14,8 @@ back into the kept values, at no extra bytes. For each (item, layer, KV head) wi
 Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
 the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers at a time, each layer's (item, head)
 problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
-without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz,
-overlapped with the next group's Grams on a CPU; ``eigh``: a batched eigen-solve of the same Gram
+without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz;
+``eigh``: a batched eigen-solve of the same Gram
 matrices; ``sketch``: neither ``R`` nor ``R^T R`` is formed, ``P = I - Q^T Q`` is applied to thin
 iterates only, and randomized subspace iteration streams the values in small cache-sized blocks, with a block
 Krylov Rayleigh-Ritz and a per-problem a posteriori stopping rule), the inject and scale modes, and the published
@@ -33,7 +33,6 @@ import torch
 
 from compression.selectors import Gathered, Selection, gather_tokens
 from relay.memory import KVState
-from relay.threads import shared_pool
 
 Solver = Literal["exact", "subspace", "eigh", "sketch"]
 
@@ -343,9 +342,8 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     ``x`` ``[L * B * H, k, d]`` are the kept values, ``kept`` their counts. Returns (r, C or None, ||R||_F, ||Y||_F)
     over all ``L * B * H`` problems.
 
-    On a CPU the subspace iteration of a group runs in a worker thread while the next group's Grams are formed
-    (two Gram buffers take turns): the iteration's small LAPACK calls run on one core and would leave the other
-    idle."""
+    (Overlapping a group's iteration with the next group's Grams in a worker thread was 5-7% faster on a 2-core CPU
+    but left the process's later torch work about 35% slower: the worker's OpenMP team stays behind.)"""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]
@@ -353,14 +351,10 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     per_layer = b * h
     group = max(1, min(n_layers, _GRAM_GROUP_BYTES // max(1, per_layer * d * d * 4)))
     directions = not _use_all_components(cfg, d)
-    overlap = directions and cfg.solver == "subspace" and device.type == "cpu" and n_layers > group
     buffer = torch.empty(b, h, hi - lo, d, device=device)
-    gram_buffers = [torch.empty(group * per_layer, d, d, device=device) for _ in range(2 if overlap else 1)]
+    grams = torch.empty(group * per_layer, d, d, device=device)
     rs, cs, r_norms, y_norms = [], [], [], []
-    for g, first in enumerate(range(0, n_layers, group)):
-        if overlap and g >= 2:
-            cs[g - 2] = cs[g - 2].result()  # its Gram buffer is about to be reused
-        grams = gram_buffers[g % len(gram_buffers)]
+    for first in range(0, n_layers, group):
         layers = range(first, min(n_layers, first + group))
         rows = slice(first * per_layer, layers[-1] * per_layer + per_layer)
         q = kept_basis(x[rows], kept[rows]) if cfg.project else None
@@ -386,11 +380,9 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
             continue
         if cfg.solver == "eigh":
             cs.append(top_directions_eigh(gram, cfg.rank, r_norms[-1] > cfg.residual_tol * y_norms[-1]))
-        elif overlap:
-            cs.append(shared_pool("backfill", 1).submit(top_directions_subspace, gram, cfg.rank, cfg))
         else:
             cs.append(top_directions_subspace(gram, cfg.rank, cfg))
-    c = torch.cat([ci if isinstance(ci, torch.Tensor) else ci.result() for ci in cs]) if directions else None
+    c = torch.cat(cs) if directions else None
     return torch.cat(rs), c, torch.cat(r_norms), torch.cat(y_norms)
 
 
