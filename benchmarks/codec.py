@@ -73,12 +73,7 @@ def make_cache(s: Shape, seed: int = 0) -> tuple[KVState, Observation]:
 
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def codec_rows(memory: KVState, repeats: int) -> tuple[list[tuple[str, float, float, float, float]], float]:

@@ -103,13 +103,11 @@ def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) ->
     return (lam[..., rank - 1] / lam[..., rank].clamp_min(1e-30)).view(L, b, h)
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    out, times = None, []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` and its result (medians are taken over rounds by the caller)."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,19 +177,19 @@ def main(argv: list[str] | None = None) -> None:
 
     shifts: dict[str, object] = {}
     print("timing L-OBF exact (one run) ...", flush=True)
-    exact_hop, _ = timed(hop_fn("L-OBF exact"), 1)
-    exact_s, shifts["L-OBF exact"] = timed(solve_fn("L-OBF exact"), 1)
+    exact_hop, _ = timed(hop_fn("L-OBF exact"))
+    exact_s, shifts["L-OBF exact"] = timed(solve_fn("L-OBF exact"))
     hops: dict[str, list[float]] = {name: [] for name in methods if name != "L-OBF exact"}
     solves: dict[str, list[float]] = {name: [] for name in hops if methods[name][2] is not None}
     loop_times: list[float] = []
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}: the per-head loop (paper), then every method ...", flush=True)
-        t, loop_shift = timed(loop_fn, 1)
+        t, loop_shift = timed(loop_fn)
         loop_times.append(t)
         for name in hops:
-            hops[name].append(timed(hop_fn(name), 1)[0])
+            hops[name].append(timed(hop_fn(name))[0])
             if name in solves:
-                t, shifts[name] = timed(solve_fn(name), 1)
+                t, shifts[name] = timed(solve_fn(name))
                 solves[name].append(t)
     loop_hops = [lh + lp for lh, lp in zip(hops["L"], loop_times, strict=True)]  # the L hop, backfilled by the loop
 

@@ -343,7 +343,7 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     over all ``L * B * H`` problems.
 
     (Overlapping a group's iteration with the next group's Grams in a worker thread was 5-7% faster on a 2-core CPU
-    but left the process's later torch work about 35% slower: the worker's OpenMP team stays behind.)"""
+    but left the process's later torch work about 35% slower in ad-hoc timings; see :mod:`relay.threads`.)"""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]

@@ -1,7 +1,8 @@
 """Process-wide worker thread pools for C work that releases the GIL (the wire checksum's hashing).
 
-Keep torch ops out of these threads: a thread that runs torch ops gets an OpenMP team of its own that stays
-behind and was measured to slow the process's later torch work by about 35% on a 2-core CPU.
+Keep torch ops out of these threads: running part of the OBF solve in such a thread left the process's later
+torch work about 35% slower on a 2-core CPU (an ad-hoc timing of the paper-style OBF loop before and after one
+call; likely the thread's own OpenMP team staying behind).
 
 A pool is created on first use and again after a fork: a forked child inherits the pool object but not its
 threads, and would wait forever on work submitted to it.
