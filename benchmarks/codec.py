@@ -8,7 +8,8 @@
    decode = checksum check + zero-copy ``torch.frombuffer`` views (raw) or inflate + views (zstd). The raw
    codec and the memory copy are timed in alternation and their ratio is the median of per-repeat ratios.
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
-   receiver's dequantization for ``+int8``), and the share of the hop spent in the wire codec (encode + decode).
+   receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
+   spent in the wire codec (encode + decode): the median of the per-repeat shares.
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -117,28 +118,40 @@ def _seconds(fn) -> float:
 
 
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
-    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes) of one relay hop, or (recipe, error).
+    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes, serialization share) of one relay hop,
+    or (recipe, error).
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
     recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
+    The four steps are timed one after another in each repeat, so that all see the same machine state; the
+    share is the median of the per-repeat shares (encode + decode) / (compress + encode + decode + dequantize).
     """
     from compression import compress
 
     rows: list[tuple] = []
     for recipe in ("h-obf:budget=32,rank=2", "h-obf:budget=32,rank=2+int8"):
         try:
-            packed, _ = compress(memory, observation, recipe)
+            compress(memory, observation, recipe)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the codec
             rows.append((recipe, f"{type(e).__name__}: {str(e)[:150]}"))
             continue
-        message = LatentMessage("planner", packed, recipe)
-        comp = median_seconds(lambda recipe=recipe: compress(memory, observation, recipe), max(1, repeats // 2))
-        packet = wire.encode(message)
-        enc = median_seconds(lambda message=message: wire.encode(message), repeats)
-        dec = median_seconds(lambda packet=packet: wire.decode(packet), repeats)
-        received = wire.decode(packet)
-        deq = median_seconds(received.unpacked, repeats) if received.recipe.endswith(("int8", "int4")) else 0.0
-        rows.append((recipe, comp, enc, dec, deq, len(packet)))
+        quantized = recipe.endswith(("int8", "int4"))
+        steps: list[tuple[float, float, float, float]] = []
+        for _ in range(repeats + 1):  # the first round is a warm-up
+            start = time.perf_counter()
+            packed, _ = compress(memory, observation, recipe)
+            compressed = time.perf_counter()
+            packet = wire.encode(LatentMessage("planner", packed, recipe))
+            encoded = time.perf_counter()
+            received = wire.decode(packet)
+            decoded = time.perf_counter()
+            if quantized:
+                received.unpacked()
+            steps.append((compressed - start, encoded - compressed, decoded - encoded, time.perf_counter() - decoded))
+        steps = steps[1:]
+        share = statistics.median((e + d) / (c + e + d + q) for c, e, d, q in steps)
+        comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
+        rows.append((recipe, comp, enc, dec, deq, len(packet), share))
     return rows
 
 
@@ -185,8 +198,7 @@ def main() -> None:
                 print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
                 print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
                 continue
-            recipe, comp, enc, dec, deq, size = row
-            share = (enc + dec) / (comp + enc + dec + deq)
+            recipe, comp, enc, dec, deq, size, share = row
             print(
                 f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}"
             )

@@ -15,6 +15,7 @@ adds that dtype's rounding. The packing itself runs in :mod:`kernels` (Triton on
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,14 @@ def group_layout(shape: tuple[int, ...], axis: str, group_size: int | None) -> t
     return lines * per_line, group, per_line
 
 
+@functools.lru_cache(maxsize=256)
+def _packed_shape(shape: tuple[int, ...], axis: str, group_size: int | None, bits: int) -> tuple[int, int]:
+    """``(rows, packed bytes per row)`` of the codes of a ``shape`` tensor (every layer of a memory shares it)."""
+    kernels.reference.check_bits(bits)
+    rows, group, _ = group_layout(shape, axis, group_size)
+    return rows, kernels.packed_width(group, bits)
+
+
 @dataclass
 class QuantizedTensor:
     """A tensor ``[..., T, D]`` quantized in groups along ``axis`` (see the module docstring).
@@ -77,11 +86,9 @@ class QuantizedTensor:
 
     def validate(self) -> None:
         """Raise ``ValueError`` unless the packed tensors agree with bits, axis, shape and group size."""
-        kernels.reference.check_bits(self.bits)
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"quantized tensors must come from {FLOAT_DTYPES}, not {self.dtype}")
-        rows, group, _ = group_layout(tuple(self.shape), self.axis, self.group_size)
-        width = kernels.packed_width(group, self.bits)
+        rows, width = _packed_shape(tuple(self.shape), self.axis, self.group_size, self.bits)
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (rows, width):
             raise ValueError(
                 f"packed data {self.data.dtype} {tuple(self.data.shape)} should be uint8 {(rows, width)} "
@@ -202,8 +209,11 @@ class QuantizedMemory(MemoryShape):
 
     def dequantize_meta(self) -> KVState:
         """A KVState of empty "meta" tensors with this memory's shapes (validates the layout cheaply)."""
-        keys = [torch.empty(q.shape, dtype=q.dtype, device="meta") for q in self.keys]
-        values = [torch.empty(q.shape, dtype=q.dtype, device="meta") for q in self.values]
+        meta = {(tuple(q.shape), q.dtype): None for q in (*self.keys, *self.values)}
+        for shape, dtype in meta:
+            meta[shape, dtype] = torch.empty(shape, dtype=dtype, device="meta")
+        keys = [meta[tuple(q.shape), q.dtype] for q in self.keys]
+        values = [meta[tuple(q.shape), q.dtype] for q in self.values]
         table = (self.segment, self.agent, self.position)
         return KVState(keys, values, *table, agents=list(self.agents), fingerprint=self.fingerprint)
 

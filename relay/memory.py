@@ -42,10 +42,12 @@ class IncompatibleMemoryError(MemoryError_):
 
 class MemoryShape:
     """Shape queries shared by every form of a working memory (``KVState`` and its quantized packing): per-layer
-    ``keys`` whose elements have ``.shape`` ``[B, H_kv, T, d]`` and ``.dtype``, and a ``segment`` table."""
+    ``keys`` whose elements have ``.shape`` ``[B, H_kv, T, d]`` and ``.dtype``, a ``segment`` table and
+    ``position``."""
 
     keys: list
     segment: torch.Tensor
+    position: torch.Tensor
 
     @property
     def num_layers(self) -> int:
@@ -71,6 +73,11 @@ class MemoryShape:
     def dtype(self) -> torch.dtype:
         return self.keys[0].dtype if self.keys else torch.float32
 
+    @property
+    def per_head_positions(self) -> bool:
+        """Positions are ``[layers, batch, kv_heads, tokens]`` (eviction kept different tokens per head)."""
+        return self.position.dim() == 4
+
 
 @dataclass
 class KVState(MemoryShape):
@@ -90,10 +97,6 @@ class KVState(MemoryShape):
     @property
     def device(self) -> torch.device:
         return self.segment.device
-
-    @property
-    def per_head_positions(self) -> bool:
-        return self.position.dim() == 4
 
     def validate(self) -> None:
         """Raise :class:`MemoryError_` unless every tensor agrees with the token table."""

@@ -11,14 +11,17 @@ A packet is one contiguous buffer (all integers little-endian)::
     24  raw payload length          u64 (after decompression)
     32  header                      msgpack map
         zero padding to a 64-byte boundary
-    P   payload                     tensor frames at 64-byte aligned offsets (or one zstd frame of them)
+    P   payload                     tensor frames, each at the next 64-byte boundary (or one zstd frame of them)
     end checksum                    16 bytes
 
 The header names the message kind, sender, model fingerprint, dtype, layers, KV heads, head dim, the token
 table's agents, the applied recipe, quantization parameters and, per frame, dtype / shape / offset / size.
 The token table (segment, agent, position) and every key / value tensor (or the packed codes, scales and zeros
-of a KIVI-quantized memory, :mod:`compression.quant`) are frames. Decoding is zero-copy where the buffer
-alignment allows: tensors are ``torch.frombuffer`` views of the packet (or of the decompressed payload).
+of a KIVI-quantized memory, :mod:`compression.quant`) are frames, in a fixed order: the table, then per layer
+its key and value frames. The header implies every frame's dtype, shape and offset, so a decoder accepts exactly
+one frame table (compared in one step) and builds each per-layer column of frames as one strided view of the
+payload. Decoding is zero-copy where the buffer alignment allows: tensors are views of the packet (or of the
+decompressed payload); a misaligned buffer is copied once.
 
 The checksum is XXH3-128 over the fixed prefix, the header and the XXH3-128 of each 4 MiB chunk of the payload
 (a hash tree of depth one, so that large payloads are hashed by parallel threads), so a flipped bit anywhere is
@@ -154,6 +157,9 @@ def _leaf_digest(segments: list[memoryview]) -> bytes:
 
 def _chunks(payload: Sequence[memoryview]) -> list[list[memoryview]]:
     """The payload cut at multiples of :data:`DIGEST_CHUNK`, each chunk as the slices of ``payload`` it covers."""
+    total = sum(len(piece) for piece in payload)
+    if total <= DIGEST_CHUNK:
+        return [list(payload)] if total else []
     chunks: list[list[memoryview]] = []
     current: list[memoryview] = []
     room = DIGEST_CHUNK
@@ -177,20 +183,17 @@ def _hash_pool() -> ThreadPoolExecutor:
 
 
 # ------------------------------------------------------------------------------------------------ encode
+_ZEROS = memoryview(bytes(ALIGN))  # frame padding
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
-    """Zero-copy byte view of a (CPU, contiguous) tensor."""
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
+    """Zero-copy byte view of a tensor (copied first if it is not a contiguous CPU tensor)."""
+    if not (t.is_cpu and t.is_contiguous()) or t.requires_grad:
+        t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at its bytes
         t = t.reshape(-1).view(torch.uint8)
     return memoryview(t.numpy()).cast("B")
@@ -216,9 +219,6 @@ def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     quantized = not isinstance(memory, KVState)
     if quantized:
         memory.validate()
-        meta = memory.dequantize_meta()
-    else:
-        meta = memory
     table = [
         ("segment", memory.segment.to(torch.int8)),
         ("agent", memory.agent.to(torch.int16)),
@@ -226,19 +226,19 @@ def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     ]
     fields = {
         "memory": "quantized" if quantized else "kv",
-        "fingerprint": meta.fingerprint,
-        "dtype": DTYPE_NAMES.get(meta.dtype, str(meta.dtype)),
-        "layers": meta.num_layers,
-        "kv_heads": meta.num_kv_heads,
-        "head_dim": meta.head_dim,
-        "batch": meta.batch_size,
-        "tokens": meta.num_tokens,
-        "per_head_positions": meta.per_head_positions,
-        "agents": list(meta.agents),
+        "fingerprint": memory.fingerprint,
+        "dtype": DTYPE_NAMES.get(memory.dtype, str(memory.dtype)),
+        "layers": memory.num_layers,
+        "kv_heads": memory.num_kv_heads,
+        "head_dim": memory.head_dim,
+        "batch": memory.batch_size,
+        "tokens": memory.num_tokens,
+        "per_head_positions": memory.per_head_positions,
+        "agents": list(memory.agents),
         "quant": None,
     }
     if fields["dtype"] not in FLOAT_NAMES:
-        raise ValueError(f"cannot encode a memory of dtype {meta.dtype}")
+        raise ValueError(f"cannot encode a memory of dtype {memory.dtype}")
     frames = list(table)
     if not quantized:
         for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
@@ -288,7 +288,7 @@ def encode(
         view = _bytes_view(tensor)
         start = _align(offset)
         if start > offset:
-            pieces.append(memoryview(bytes(start - offset)))
+            pieces.append(_ZEROS[: start - offset])
         pieces.append(view)
         table.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, len(view)])
         offset = start + len(view)
@@ -448,8 +448,42 @@ def _strings(header: dict, key: str, limit: int) -> list[str]:
     return values
 
 
-def _expected_frames(header: dict, limits: WireLimits) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype, shape) of every frame a latent header implies, in order."""
+@dataclass(frozen=True)
+class _Layout:
+    """The frames a latent header implies, in payload order: the token table's frames, then ``layers`` repeats of
+    the per-layer ``columns`` (``k{i}``, ``v{i}`` or, quantized, their ``.data`` / ``.scale`` / ``.zero``).
+    Every layer has the same shapes, so column ``c`` of layer ``i`` sits at ``column_offsets[c] + i * span``."""
+
+    table: list[tuple[str, str, tuple[int, ...]]]
+    columns: list[tuple[str, str, str, tuple[int, ...]]]  # (prefix, suffix, dtype, shape): name = prefix{i}suffix
+    layers: int
+
+    def frame_table(self) -> tuple[list[list], list[int], int, int]:
+        """The canonical frame table ``[name, dtype, shape, offset, size]`` (each frame at the next 64-byte
+        boundary, as :func:`encode` writes it), the column offsets in layer 0, the span of one layer in bytes and
+        the payload length."""
+        entries: list[list] = []
+        end = 0
+        for name, dtype, shape in self.table:
+            start = _align(end)
+            end = start + math.prod(shape) * DTYPES[dtype].itemsize
+            entries.append([name, dtype, list(shape), start, end - start])
+        layer_start = end = _align(end)
+        column_offsets, sizes = [], []
+        for _, _, dtype, shape in self.columns:
+            column_offsets.append(_align(end))
+            sizes.append(math.prod(shape) * DTYPES[dtype].itemsize)
+            end = column_offsets[-1] + sizes[-1]
+        span = _align(end) - layer_start
+        for i in range(self.layers):
+            for (prefix, suffix, dtype, shape), first, size in zip(self.columns, column_offsets, sizes):
+                entries.append([f"{prefix}{i}{suffix}", dtype, list(shape), first + i * span, size])
+        end = entries[-1][3] + entries[-1][4] if entries else 0
+        return entries, column_offsets, span, end
+
+
+def _layout(header: dict, limits: WireLimits) -> _Layout:
+    """The frames a latent header implies (checked against :class:`WireLimits` first)."""
     layers = _count(header, "layers", limits.max_layers)
     heads = _count(header, "kv_heads", limits.max_heads)
     dim = _count(header, "head_dim", limits.max_head_dim)
@@ -462,14 +496,12 @@ def _expected_frames(header: dict, limits: WireLimits) -> list[tuple[str, str, t
     if 3 + 6 * layers > limits.max_frames:
         raise LimitExceededError(f"{layers} layers need more than {limits.max_frames} frames")
     pos_shape = (layers, batch, heads, tokens) if per_head else (batch, tokens)
-    frames = [("segment", "int8", (batch, tokens)), ("agent", "int16", (batch, tokens))]
-    frames.append(("position", "int64", pos_shape))
+    table = [("segment", "int8", (batch, tokens)), ("agent", "int16", (batch, tokens))]
+    table.append(("position", "int64", pos_shape))
     shape = (batch, heads, tokens, dim)
     kind = _field(header, "memory", str)
     if kind == "kv":
-        for i in range(layers):
-            frames += [(f"k{i}", dtype, shape), (f"v{i}", dtype, shape)]
-        return frames
+        return _Layout(table, [("k", "", dtype, shape), ("v", "", dtype, shape)], layers)
     if kind != "quantized":
         raise HeaderError(f"memory kind {kind!r} is neither 'kv' nor 'quantized'")
     from compression.quant import group_layout
@@ -479,74 +511,96 @@ def _expected_frames(header: dict, limits: WireLimits) -> list[tuple[str, str, t
     if quant is None:
         if layers:
             raise HeaderError("a quantized memory needs quantization parameters")
-        return frames
+        return _Layout(table, [], 0)
     bits = _field(quant, "bits", int)
     if bits not in SUPPORTED_BITS:
         raise HeaderError(f"quantization bits {bits} not in {SUPPORTED_BITS}")
-    for i in range(layers):
-        for name, axis, group in (
-            (f"k{i}", "channel", _field(quant, "key_group", int, optional=True)),
-            (f"v{i}", "token", _field(quant, "value_group", int, optional=True)),
-        ):
-            if group is not None and group < 1:
-                raise HeaderError(f"group size {group} must be positive")
-            rows, width, _ = group_layout(shape, axis, group)
-            frames += [
-                (f"{name}.data", "uint8", (rows, packed_width(width, bits))),
-                (f"{name}.scale", "float16", (rows,)),
-                (f"{name}.zero", "float16", (rows,)),
-            ]
-    return frames
+    columns = []
+    for prefix, axis, group in (
+        ("k", "channel", _field(quant, "key_group", int, optional=True)),
+        ("v", "token", _field(quant, "value_group", int, optional=True)),
+    ):
+        if group is not None and group < 1:
+            raise HeaderError(f"group size {group} must be positive")
+        rows, width, _ = group_layout(shape, axis, group)
+        columns += [
+            (prefix, ".data", "uint8", (rows, packed_width(width, bits))),
+            (prefix, ".scale", "float16", (rows,)),
+            (prefix, ".zero", "float16", (rows,)),
+        ]
+    return _Layout(table, columns, layers)
 
 
-def _tensors(packet: _Packet, expected, limits: WireLimits) -> dict[str, torch.Tensor]:
-    """Check the frame table against ``expected`` and the payload; return zero-copy views where aligned."""
+def _tensors(
+    packet: _Packet, layout: _Layout, limits: WireLimits
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, ...]]]:
+    """Check the header's frame table against the canonical one ``layout`` implies; return the token table's
+    tensors by name and, per column of the layout, its per-layer tensors: zero-copy views of the payload (a copy
+    of it when the buffer's address is not aligned for the frame dtypes)."""
     table = _field(packet.header, "frames", list)
     if len(table) > limits.max_frames:
         raise LimitExceededError(f"{len(table)} frames exceed the limit of {limits.max_frames}")
-    if len(table) != len(expected):
-        raise HeaderError(f"header lists {len(table)} frames; its shapes imply {len(expected)}")
+    expected, column_offsets, span, end = layout.frame_table()
+    # msgpack bytes compare values *and* types (1 vs True vs 1.0) in one C call, whatever the frame count
+    if msgpack.packb(table) != msgpack.packb(expected):
+        _explain_frame_mismatch(table, expected, len(packet.payload))
     payload = packet.payload
+    if len(payload) != end:
+        raise HeaderError(f"payload has {len(payload)} bytes; its frames end at {end}")
     with warnings.catch_warnings():  # read-only buffers: the tensors alias the packet
         warnings.simplefilter("ignore")
         whole = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
-    out: dict[str, torch.Tensor] = {}
+    if whole.data_ptr() % 8:  # offsets are multiples of 64: only the buffer's own address can be misaligned
+        whole = whole.clone()  # fresh allocations are aligned
     typed: dict[torch.dtype, torch.Tensor] = {}
-    end = 0
-    for entry, (name, dtype, shape) in zip(table, expected):
+    named = {
+        name: _view(whole, typed, DTYPES[dtype], (), shape, entry[3])
+        for (name, dtype, shape), entry in zip(layout.table, expected)
+    }
+    columns = [
+        _view(whole, typed, DTYPES[dtype], (layout.layers,), shape, first, span).unbind(0) if layout.layers else ()
+        for (_, _, dtype, shape), first in zip(layout.columns, column_offsets)
+    ]
+    return named, columns
+
+
+def _explain_frame_mismatch(table: list, expected: list[list], payload_len: int) -> None:
+    """Raise a :class:`HeaderError` naming the first frame entry that differs from the canonical table."""
+    if len(table) != len(expected):
+        raise HeaderError(f"header lists {len(table)} frames; its shapes imply {len(expected)}")
+    for entry, (name, dtype, shape, offset, size) in zip(table, expected):
         if not (isinstance(entry, list) and len(entry) == 5):
             raise HeaderError(f"frame entry for {name!r} must be [name, dtype, shape, offset, size]")
-        got_name, got_dtype, got_shape, offset, size = entry
-        if got_name != name or got_dtype != dtype or got_shape != list(shape):
+        got_name, got_dtype, got_shape, got_offset, got_size = entry
+        if got_name != name or got_dtype != dtype or got_shape != shape:
+            raise HeaderError(f"frame {got_name!r} {got_dtype} {got_shape}; expected {name!r} {dtype} {shape}")
+        if not all(type(v) is int for v in (got_offset, got_size, *got_shape)):
+            raise HeaderError(f"frame {name!r}: shape, offset and size must be integers")
+        if got_size != size:
+            raise HeaderError(f"frame {name!r} declares {got_size} bytes; {dtype} {shape} needs {size}")
+        if got_offset != offset:
             raise HeaderError(
-                f"frame {got_name!r} {got_dtype} {got_shape}; expected {name!r} {dtype} {list(shape)}"
+                f"frame {name!r} at [{got_offset}, {got_offset + got_size}) in a {payload_len}-byte payload; "
+                f"the canonical layout puts it at {offset}"
             )
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)):
-            raise HeaderError(f"frame {name!r}: offset and size must be integers")
-        torch_dtype = DTYPES[dtype]
-        nbytes = math.prod(shape) * torch_dtype.itemsize
-        if size != nbytes:
-            raise HeaderError(f"frame {name!r} declares {size} bytes; {dtype} {list(shape)} needs {nbytes}")
-        if offset % ALIGN or offset < end or offset + size > len(payload):
-            raise HeaderError(
-                f"frame {name!r} at [{offset}, {offset + size}) is misplaced in a {len(payload)}-byte payload"
-            )
-        out[name] = _frame(whole, typed, offset, size, torch_dtype, shape)
-        end = offset + size
-    if _align(end) != _align(len(payload)) or any(payload[end:]):
-        raise HeaderError(f"payload has {len(payload) - end} bytes after the last frame")
-    return out
+    raise HeaderError("frame table is not in canonical form")
 
 
-def _frame(whole: torch.Tensor, typed: dict, offset: int, size: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Frame ``[offset, offset + size)`` of the payload ``whole`` (uint8) as ``dtype`` ``shape``: a strided view of
-    the whole payload seen as ``dtype`` (kept in ``typed``, one per dtype) where the address is aligned for
-    ``dtype``, else a copy. Offsets are multiples of 64, so only the buffer's own address can be misaligned."""
-    if size == 0:
-        return torch.empty(shape, dtype=dtype)
+def _view(
+    whole: torch.Tensor,
+    typed: dict,
+    dtype: torch.dtype,
+    lead: tuple[int, ...],
+    shape: tuple[int, ...],
+    offset: int,
+    span: int = 0,
+) -> torch.Tensor:
+    """The ``dtype`` tensor ``lead + shape`` of the payload ``whole`` (uint8, aligned) whose first element is at
+    byte ``offset``, C-contiguous within ``shape``, each leading index ``span`` bytes further: a strided view of
+    the payload seen as ``dtype`` (kept in ``typed``, one per dtype)."""
+    if not math.prod(shape):
+        return torch.empty(lead + tuple(shape), dtype=dtype)
     item = dtype.itemsize
-    if whole.data_ptr() % item:
-        return whole[offset : offset + size].clone().view(dtype).view(shape)
     base = typed.get(dtype)
     if base is None:
         base = typed[dtype] = whole[: len(whole) - len(whole) % item].view(dtype)
@@ -554,7 +608,8 @@ def _frame(whole: torch.Tensor, typed: dict, offset: int, size: int, dtype: torc
     for n in reversed(shape):
         strides.append(step)
         step *= n
-    return base.as_strided(tuple(shape), tuple(reversed(strides)), offset // item)
+    strides += [span // item] * len(lead)
+    return base.as_strided(lead + tuple(shape), tuple(reversed(strides)), offset // item)
 
 
 def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None) -> LatentMessage:
@@ -566,49 +621,42 @@ def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None)
             f"{expect_fingerprint!r}"
         )
     agents = _strings(h, "agents", limits.max_agents)
-    frames = _tensors(packet, _expected_frames(h, limits), limits)
-    segment, agent = frames["segment"], frames["agent"]
+    named, columns = _tensors(packet, _layout(h, limits), limits)
+    segment, agent = named["segment"], named["agent"]
     if segment.numel() and (int(segment.min()) < 0 or int(segment.max()) > max(Segment)):
         raise HeaderError("token table holds an unknown segment code")
     if agent.numel() and (int(agent.min()) < -1 or int(agent.max()) >= len(agents)):
         raise HeaderError(f"token table names an agent outside the {len(agents)} listed")
-    layers = h["layers"]
+    table = {"segment": segment, "agent": agent, "position": named["position"]}
     try:
         if h["memory"] == "kv":
-            memory: Any = KVState(
-                keys=[frames[f"k{i}"] for i in range(layers)],
-                values=[frames[f"v{i}"] for i in range(layers)],
-                segment=segment,
-                agent=agent,
-                position=frames["position"],
-                agents=agents,
-                fingerprint=fingerprint,
-            )
+            keys, values = columns
+            memory: Any = KVState(list(keys), list(values), **table, agents=agents, fingerprint=fingerprint)
         else:
-            memory = _quantized(h, frames, agents, fingerprint)
+            memory = _quantized(h, columns, table, agents, fingerprint)
     except (MemoryError_, ValueError) as e:
         raise HeaderError(f"memory does not fit its token table: {e}") from None
     metrics = _field(h, "metrics", dict, optional=True) or {}
     return LatentMessage(_field(h, "sender", str), memory, _field(h, "recipe", str), metrics)
 
 
-def _quantized(h: dict, frames: dict[str, torch.Tensor], agents: list[str], fingerprint: str):
+def _quantized(h: dict, columns: list, table: dict[str, torch.Tensor], agents: list[str], fingerprint: str):
+    """A QuantizedMemory from the six per-layer columns (key data / scale / zero, then the value's)."""
     from compression.quant import QuantizedMemory, QuantizedTensor
 
     shape = (h["batch"], h["kv_heads"], h["tokens"], h["head_dim"])
     quant = h.get("quant") or {}
     dtype = DTYPES[h["dtype"]]
+    if not columns:  # no layers
+        columns = [()] * 6
 
-    def qt(name: str, axis: str, group: int | None) -> QuantizedTensor:
-        data, scale, zero = (frames[f"{name}.{part}"] for part in ("data", "scale", "zero"))
-        return QuantizedTensor(data, scale, zero, quant["bits"], axis, shape, dtype, group)
+    def tensors(parts, axis: str, group: int | None) -> list[QuantizedTensor]:
+        return [QuantizedTensor(*frames, quant["bits"], axis, shape, dtype, group) for frames in zip(*parts)]
 
     memory = QuantizedMemory(
-        keys=[qt(f"k{i}", "channel", quant.get("key_group")) for i in range(h["layers"])],
-        values=[qt(f"v{i}", "token", quant.get("value_group")) for i in range(h["layers"])],
-        segment=frames["segment"],
-        agent=frames["agent"],
-        position=frames["position"],
+        keys=tensors(columns[:3], "channel", quant.get("key_group")),
+        values=tensors(columns[3:], "token", quant.get("value_group")),
+        **table,
         agents=agents,
         fingerprint=fingerprint,
     )

@@ -257,6 +257,9 @@ def _forged(edit) -> bytes:
         lambda h: h.update(agents=[1]),
         lambda h: h.update(fingerprint=None),
         lambda h: h["frames"][3].__setitem__(3, 1),
+        lambda h: h["frames"][3].__setitem__(3, h["frames"][3][3] + 64),  # a gap: not the canonical layout
+        lambda h: h["frames"][0].__setitem__(3, False),  # 0 as a bool
+        lambda h: h["frames"][0].__setitem__(4, float(h["frames"][0][4])),
         lambda h: h["frames"][3].__setitem__(4, 2**63),
         lambda h: h["frames"][0].__setitem__(1, "float32"),
         lambda h: h["frames"].pop(),
