@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "L": (f"l:budget={b}", None, None),
         "L-OBF exact": (f"l-obf:budget={b},rank=4,solver=exact", "l", BackfillConfig(rank=4, solver="exact")),
         "L-OBF subspace": (f"l-obf:budget={b},rank=4,solver=subspace", "l", BackfillConfig(rank=4, solver="subspace")),
-        "L-OBF sketch": (f"l-obf:budget={b},rank=4,solver=sketch", "l", BackfillConfig(rank=4, solver="sketch")),
         "H-OBF subspace": (f"h-obf:budget={b},rank=2,solver=subspace", "h", BackfillConfig(rank=2, solver="subspace")),
-        "H-OBF sketch": (f"h-obf:budget={b},rank=2,solver=sketch", "h", BackfillConfig(rank=2, solver="sketch")),
     }
     scores = compute_scores(memory, obs)
     prompt = prompt_mask(memory, current_agent_index(memory, obs))

@@ -27,7 +27,7 @@ from compression.backfill import BackfillConfig, orthogonal_backfill
 from compression.scores import compute_scores
 from compression.selectors import current_agent_index, prompt_mask, select_headwise, select_layerwise
 
-SOLVERS = ("subspace", "eigh", "sketch")
+SOLVERS = ("subspace", "eigh")
 
 
 def critic_memories(model: str, items: int, thoughts: int, data_dir: str | None):

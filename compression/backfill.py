@@ -15,10 +15,7 @@ Keys, sink, history and thoughts are never touched. One implementation, configur
 the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers at a time, each layer's (item, head)
 problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
 without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz;
-``eigh``: a batched eigen-solve of the same Gram
-matrices; ``sketch``: neither ``R`` nor ``R^T R`` is formed, ``P = I - Q^T Q`` is applied to thin
-iterates only, and randomized subspace iteration streams the values in small cache-sized blocks, with a block
-Krylov Rayleigh-Ritz and a per-problem a posteriori stopping rule), the inject and scale modes, and the published
+``eigh``: a batched eigen-solve of the same Gram matrices), the inject and scale modes, and the published
 ablations (no projection, naive aggregation, no scaling, all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
 benchmarks.
@@ -34,7 +31,7 @@ import torch
 from compression.selectors import Gathered, Selection, gather_tokens
 from relay.memory import KVState
 
-Solver = Literal["exact", "subspace", "eigh", "sketch"]
+Solver = Literal["exact", "subspace", "eigh"]
 
 #: Published ablations (arXiv 2604.13349, Table "ablations") as config overrides.
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -55,11 +52,7 @@ class BackfillConfig:
     ``scale``: ``ratio`` = ``A_d / A_s`` (paper), ``none`` = 1, ``share`` = ``A_d / (A_d + A_s)``.
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
-    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver. ``sketch``
-    iterates a block of width ``p + sketch_oversample``, caps its products with ``R^T R`` at ``iterations``,
-    checks from ``min_iterations`` on and stops a problem once its estimated relative error on ``delta`` is below
-    ``tol`` or its Ritz gap ``sigma_p / sigma_{p+1}`` is below ``gap_floor`` (there the top-p subspace is not
-    defined by the data, no solver's answer is stable, and more iterations buy nothing).
+    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
     ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
     orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """
@@ -74,10 +67,6 @@ class BackfillConfig:
     oversample: int = 10
     orth_every: int = 2
     seed: int = 0
-    min_iterations: int = 2
-    sketch_oversample: int = 6
-    tol: float = 1e-4
-    gap_floor: float = 1.25
     eps: float = 1e-8
     residual_tol: float = 1e-3
 
@@ -187,29 +176,21 @@ def kept_basis(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return qt * valid[..., None]
 
 
-def _orthonormalize_rows(w: torch.Tensor, passes: int = 2, check: bool = True) -> torch.Tensor:
-    """Orthonormal basis of the rows of ``w`` ``[N, m, d]``: row-scaled Cholesky QR ``passes`` times (the
-    ``m x m`` parts in float64), Householder QR where that fails (rank-deficient rows) or, with ``check``, where
-    the result is not orthonormal to 1e-5.
-
-    ``passes=1, check=False`` is the cheap inner step of subspace iteration: one pass with a 1e-5 ridge (so it
-    never fails; zero rows stay zero), orthonormal only roughly where the rows are ill-conditioned. That is
-    enough between iteration steps, whose later products damp the error; the last step uses a full QR."""
+def _orthonormalize_rows(w: torch.Tensor) -> torch.Tensor:
+    """Roughly orthonormal rows spanning the rows of ``w`` ``[N, m, d]``: the cheap inner step of subspace
+    iteration. One row-scaled Cholesky QR (the ``m x m`` parts in float64) with a 1e-5 ridge, so that it never fails
+    and zero rows stay zero; where the rows are ill-conditioned the result is orthonormal only roughly. That is
+    enough between iteration steps, whose later products damp the error; the last step uses a full QR.
+    Householder QR covers problems whose factorization still fails (non-finite rows)."""
     n, m, _ = w.shape
     eye = torch.eye(m, dtype=torch.float64, device=w.device).expand(n, m, m)
     z = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    bad = torch.zeros(n, dtype=torch.bool, device=w.device)
-    for _ in range(passes):
-        gram = (z @ z.mT).double()
-        if not check:
-            gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        bad |= info != 0
-        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-        z = torch.nan_to_num(inv.to(w.dtype)) @ z
-    if check:
-        off = torch.nan_to_num((z @ z.mT - eye.to(w.dtype)).abs(), nan=1.0).amax(dim=(1, 2))
-        bad |= off > 1e-5
+    gram = (z @ z.mT).double()
+    gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    z = torch.nan_to_num(inv.to(w.dtype)) @ z
+    bad = info != 0
     if bool(bad.any()):
         z = z.clone()
         z[bad] = torch.linalg.qr(w[bad].mT).Q.mT
@@ -253,7 +234,7 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
         if i + 1 == reps:
             zt = torch.linalg.qr(zt.mT).Q.mT
         elif step is not gram or (i + 1) % cfg.orth_every == 0:
-            zt = _orthonormalize_rows(zt, passes=1, check=False)
+            zt = _orthonormalize_rows(zt)
     t = (zt @ gram) @ zt.mT
     _, u = torch.linalg.eigh(torch.nan_to_num(0.5 * (t + t.mT)))
     return u[..., -p:].mT @ zt
@@ -386,223 +367,6 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     return torch.cat(rs), c, torch.cat(r_norms), torch.cat(y_norms)
 
 
-# ------------------------------------------------------------------------------------ the sketch solver
-#: problems per block of the passes over ``Y``: a block is converted to float32 and both thin products of a step
-#: read it while it sits in L2 cache
-_SKETCH_BLOCK = 4
-
-
-def _ritz(zt: torch.Tensor, bt: torch.Tensor, w: int):
-    """Rayleigh-Ritz of ``G = R^T R`` on the span of the orthonormal rows ``zt`` ``[n, m, d]`` from ``bt = zt R^T``
-    ``[n, m, T]``: the top ``w`` Ritz values (descending), Ritz vectors as rows and their ``B`` rows."""
-    theta, u = torch.linalg.eigh(bt @ bt.mT)
-    top = u.flip(-1)[..., :w].mT
-    return theta.flip(-1)[:, :w].clamp_min(0), top @ zt, top @ bt
-
-
-def _krylov_basis(kz: torch.Tensor, kb: torch.Tensor):
-    """For rows ``kz`` ``[n, m, d]`` that need not be orthonormal or independent and ``kb = kz R^T``: ``L^-1`` from
-    the Cholesky factor of their Gram (a ``1e-5`` ridge drops dependent directions) and ``L^-1 kb``, whose Gram is
-    ``G`` on that span in an orthonormal basis. ``L^-1`` is applied before the Gram is formed, so rounding in
-    nearly dependent directions is not amplified."""
-    n, m, _ = kz.shape
-    gram = (kz @ kz.mT).double()
-    gram.diagonal(dim1=-2, dim2=-1).add_(1e-5)
-    chol, _ = torch.linalg.cholesky_ex(gram)
-    eye = torch.eye(m, dtype=torch.float64, device=kz.device).expand(n, m, m)
-    linv = torch.linalg.solve_triangular(chol, eye, upper=False).to(kz.dtype)
-    return linv, linv @ kb
-
-
-class _Values:
-    """One layer's values over the prompt span ``v`` ``[N, T, d]`` (any dtype) and the evicted-row mask ``m``
-    ``[N, 1, T]``. :meth:`products` streams them in blocks; the first pass converts them into ``buf`` (float32,
-    reused across layers), later passes read that."""
-
-    def __init__(self, v: torch.Tensor, m: torch.Tensor, buf: torch.Tensor | None):
-        self.v, self.m = v, m
-        self.y = v if v.dtype == torch.float32 or buf is None else None
-        self.buf = buf
-        self.row_norm2 = torch.empty(v.shape[:2], device=v.device)
-
-    def _block(self, idx):
-        if self.y is not None:
-            return self.y[idx]
-        if isinstance(idx, slice):  # first pass: convert into the buffer
-            return self.buf[idx].copy_(self.v[idx])
-        return self.buf[idx]
-
-    def products(self, zt=None, back_rows=None, extra=None, active=None, norms=False, back=True):
-        """For the problems ``active`` (``None``: all): ``B^T = (Z^T Y^T) * m`` ``[n, w, T]`` (when ``zt``
-        ``[n, w, d]`` is given) and ``[B[:, :back_rows] | extra]^T Y`` ``[n, back_rows + e, d]`` (when ``back``;
-        ``extra`` ``[n, e, T]``)."""
-        n = self.v.shape[0] if active is None else active.numel()
-        t, d = self.v.shape[1:]
-        w = 0 if zt is None else zt.shape[1]
-        rows = w if back_rows is None else back_rows
-        bt = self.m.new_empty(n, w, t)
-        gt = self.m.new_empty(n, rows + (0 if extra is None else extra.shape[1]), d) if back else None
-        for i in range(0, n, _SKETCH_BLOCK):
-            j = min(n, i + _SKETCH_BLOCK)
-            idx = slice(i, j) if active is None else active[i:j]
-            y = self._block(idx)
-            if norms:
-                self.row_norm2[idx] = torch.linalg.vector_norm(y, dim=-1).square()
-            lhs = []
-            if w:
-                b = torch.mul(torch.bmm(zt[i:j], y.mT), self.m[idx], out=bt[i:j])
-                if rows:
-                    lhs.append(b[:, :rows])
-            if extra is not None:
-                lhs.append(extra[i:j])
-            if back:
-                torch.bmm(lhs[0] if len(lhs) == 1 else torch.cat(lhs, dim=1), y, out=gt[i:j])
-        if self.y is None and active is None:
-            self.y = self.buf
-        return bt, gt
-
-
-def _sketch_layer(
-    vals: _Values,
-    w_hat: torch.Tensor,
-    qt: torch.Tensor | None,
-    omega_t: torch.Tensor,
-    p: int | None,
-    cfg: BackfillConfig,
-):
-    """One layer's problems without forming ``R`` or ``R^T R``: ``R = Y_D P`` with ``P = I - Q^T Q`` applied to the
-    thin iterates only (``R Z = Y_D (P Z)``, ``R^T B = P (Y_D^T B)``); iterates are kept transposed (``Z^T``).
-
-    ``w_hat`` ``[N, T]``, ``qt`` ``[N, k, d]`` (``None``: no projection), ``omega_t`` ``[w, d]`` the seeded start
-    block. Randomized subspace iteration on ``G = R^T R``: each step is two thin products with ``Y`` (``B = R Z``,
-    ``G Z = R^T B``), Rayleigh-Ritz on ``B^T B``, and from ``min_iterations`` on a per-problem estimate of the
-    relative error of ``delta`` (Ritz residual over the Ritz gap); problems leave the batch once converged.
-    Returns ``r`` ``[N, d]``, ``C`` ``[N, p, d]`` (``None`` for all components), ``||R||_F``, ``||Y_D||_F``.
-    """
-    n, _, d = vals.v.shape
-    dev = vals.v.device
-
-    def proj(zt: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:  # (P Z)^T
-        return zt if q is None else zt - (zt @ q.mT) @ q
-
-    sketch = p is not None
-    w = omega_t.shape[0] if sketch else 0
-    start = proj(omega_t.expand(n, w, d), qt) if sketch else torch.zeros(n, 0, d, device=dev)
-    # the first step also gives c^T = Q Y_D^T (for ||R||) and w_hat^T Y_D (for r)
-    first = start if qt is None else torch.cat([start, qt], dim=1)
-    bt, gt = vals.products(first, back_rows=w, extra=w_hat[:, None, :], norms=True)
-    ct = bt[:, w:]
-    y2 = (vals.row_norm2 * vals.m[:, 0]).sum(-1)
-    if qt is None:
-        r2 = y2
-    else:
-        # ||Y - c Q||^2 = ||Y||^2 - 2 ||c||^2 + <c^T c, Q Q^T> (exact for any Q); it cancels where R is small,
-        # so there ||R|| is computed from R itself
-        r2 = y2 - 2 * ct.square().sum(dim=(1, 2)) + ((ct @ ct.mT) * (qt @ qt.mT)).sum(dim=(1, 2))
-        small = r2 < 1e-2 * y2
-        if bool(small.any()):
-            ys, qs = vals.y[small], qt[small]
-            rs = (ys - (ys @ qs.mT) @ qs) * vals.m[small].mT
-            r2 = r2.clone()
-            r2[small] = torch.linalg.vector_norm(rs, dim=(1, 2)).square()
-    r_norm, y_norm = r2.clamp_min(0).sqrt(), y2.sqrt()
-    gt = proj(gt, qt)  # (G Omega)^T and r
-    r = gt[:, -1]
-    if not sketch:
-        return r, None, r_norm, y_norm
-
-    c_out = torch.zeros(n, p, d, device=dev)
-    solvable = r_norm > cfg.residual_tol * y_norm
-    c_out[~solvable] = omega_t[:p]  # any orthonormal rows: nothing is injected there
-    active = None if bool(solvable.all()) else solvable.nonzero().squeeze(1)
-    sub = (lambda x: x) if active is None else (lambda x: None if x is None else x[active])
-    gwt, qa, ra, bt = sub(gt[:, :w]), sub(qt), sub(r), sub(bt[:, :w])
-    prev = (sub(start), bt)  # basis rows (P Omega: in the row space of R) and their B rows (B = R Z)
-    steps = 1
-
-    def undefined(theta):  # Ritz gap sigma_p / sigma_{p+1} below gap_floor: the top-p subspace is not defined
-        return theta[:, p - 1] <= cfg.gap_floor**2 * theta[:, p] if w > p else torch.zeros_like(theta[:, 0] > 0)
-
-    while gwt.shape[0]:
-        zt = _orthonormalize_rows(gwt)
-        bt, _ = vals.products(proj(zt, qa), active=active, back=False)
-        steps += 1
-        idx = torch.arange(zt.shape[0], device=dev) if active is None else active
-        if steps < min(cfg.min_iterations, cfg.iterations):
-            prev = (zt, bt)
-            _, gwt = vals.products(extra=bt, active=active)
-            gwt = proj(gwt, qa)
-            continue
-        last = steps >= cfg.iterations or w >= d
-        if prev is not None and not last:
-            # first check: decide on the Ritz values of the block Krylov space span(Z_prev, G Z_prev) (twice the
-            # width, no extra pass over Y; a flat spectral tail cannot fake a missing gap there). Eigenvalues
-            # only: vectors of the 2w x 2w problem are computed for the problems that go on.
-            kz, kb = torch.cat([prev[0], zt], dim=1), torch.cat([prev[1], bt], dim=1)
-            linv, kb = _krylov_basis(kz, kb)
-            s = kb @ kb.mT
-            done = undefined(torch.linalg.eigvalsh(s).flip(-1))
-            if bool(done.any()):  # their C from Rayleigh-Ritz on span(Z)
-                c_out[idx[done]] = _ritz(zt[done], bt[done], p)[1]
-            go = (~done).nonzero().squeeze(1)
-            if not go.numel():
-                break
-            idx, ra, kz, kb, linv, s = (x[go] for x in (idx, ra, kz, kb, linv, s))
-            qa = None if qa is None else qa[go]
-            theta, u = torch.linalg.eigh(s)
-            top = u.flip(-1)[..., :w].mT
-            theta, zt, bt = theta.flip(-1)[:, :w].clamp_min(0), (top @ linv) @ kz, top @ kb
-            prev = None
-        else:
-            theta, zt, bt = _ritz(zt, bt, w)
-            done = undefined(theta) | last
-            c_out[idx[done]] = zt[done, :p]
-            if bool(done.all()):
-                break
-            if bool(done.any()):
-                go = (~done).nonzero().squeeze(1)
-                idx, ra, zt, bt, theta = (x[go] for x in (idx, ra, zt, bt, theta))
-                qa = None if qa is None else qa[go]
-        active = idx
-        cpt = zt[:, :p]  # Ritz vectors as rows [n, p, d]
-        # G Z for the Ritz residuals (a posteriori error estimate of delta) and the next step
-        _, gwt = vals.products(extra=bt, active=active)
-        gwt = proj(gwt, qa)
-        res = torch.linalg.matrix_norm(gwt[:, :p] - theta[:, :p, None] * cpt)
-        gap = theta[:, p - 1] - theta[:, p]
-        inside = torch.linalg.vector_norm(cpt @ ra[..., None], dim=(1, 2))
-        err = res / gap.clamp_min(1e-30) * torch.linalg.vector_norm(ra, dim=-1) / inside.clamp_min(1e-30)
-        done = torch.nan_to_num(err, nan=float("inf")) < cfg.tol
-        c_out[idx[done]] = cpt[done]
-        keep = (~done).nonzero().squeeze(1)
-        active, ra, gwt = idx[keep], ra[keep], gwt[keep]
-        qa = None if qa is None else qa[keep]
-    return r, c_out, r_norm, y_norm
-
-
-def _solve_sketch(values, qt, evict, w_hat, prompt, cfg):
-    """The ``sketch`` solver over all layers (one batch of ``B * H`` problems per layer): r, C, norms."""
-    lo, hi = _prompt_span(prompt)
-    n_layers, b, h = evict.shape[:3]
-    d = values[0].shape[-1]
-    p = None if _use_all_components(cfg, d) else cfg.rank
-    width = d if p is None else min(d, p + cfg.sketch_oversample)
-    omega_t = _start_block(d, width, cfg.seed, values[0].device, torch.float32).mT.contiguous()
-    outs = []
-    buf = torch.empty(b * h, hi - lo, d, device=values[0].device)
-    for i, v in enumerate(values):
-        vals = _Values(
-            v[:, :, lo:hi].reshape(b * h, hi - lo, d),
-            evict[i, :, :, lo:hi].reshape(b * h, 1, hi - lo).to(torch.float32),
-            buf,
-        )
-        wh = w_hat[i, :, :, lo:hi].reshape(b * h, hi - lo)
-        q = qt[i].reshape(b * h, -1, d) if cfg.project else None
-        outs.append(_sketch_layer(vals, wh, q, omega_t, p, cfg))
-    r, c, r_norm, y_norm = (None if o[0] is None else torch.cat(o) for o in zip(*outs))
-    return r, c, r_norm, y_norm
-
-
 # ---------------------------------------------------------------------------------------------- public
 def orthogonal_backfill(
     memory: KVState, selection: Selection, scores: torch.Tensor, config: BackfillConfig
@@ -640,9 +404,6 @@ def orthogonal_backfill(
         wd = w_hat.gather(-1, ev_idx).reshape(n_prob, n_max)
         y = y * (torch.arange(n_max, device=y.device)[None, :] < n_evict.reshape(-1, 1))[..., None]
         r, c, r_norm, y_norm = _solve_exact(x, qt, y, wd, config)
-    elif config.solver == "sketch":
-        qt = kept_basis(x, kept_n).reshape(L, b, h, k_max, d) if config.project else None
-        r, c, r_norm, y_norm = _solve_sketch(memory.values, qt, evict, w_hat, selection.prompt, config)
     else:
         r, c, r_norm, y_norm = _solve_gram(memory.values, x, kept_n, evict, w_hat, selection.prompt, config)
 

@@ -126,9 +126,8 @@ class _Backfilled(_Scored):
     rank: int | Literal["all"] = Field(4, description="residual directions p (or all)")
     solver: Solver = Field(
         "subspace",
-        description="subspace (batched subspace iteration on the residual Gram matrices), eigh, sketch (an "
-        "experiment: faster, but stops early where sigma_p/sigma_p+1 < 1.25, nearly every problem of a real memory, "
-        "and is then far from exact) or exact (QR + SVD)",
+        description="subspace (batched subspace iteration on the residual Gram matrices), eigh (batched eigen-solve "
+        "of the same Gram matrices) or exact (QR + SVD)",
     )
     inject: Literal["uniform", "attention"] = "uniform"
     scale: Literal["ratio", "none", "share"] = "ratio"

@@ -66,7 +66,7 @@ def resolvable(r, y, cfg, floor=0.01):
 configs = st.builds(
     BackfillConfig,
     rank=st.sampled_from([1, 2, 4, None]),
-    solver=st.sampled_from(["exact", "subspace", "eigh", "sketch"]),
+    solver=st.sampled_from(["exact", "subspace", "eigh"]),
     inject=st.sampled_from(["uniform", "attention"]),
     scale=st.sampled_from(["ratio", "none", "share"]),
     project=st.booleans(),
@@ -113,7 +113,7 @@ def test_delta_is_orthogonal_to_kept_values_and_in_top_residual_directions(lay, 
 
 
 @settings(max_examples=12, deadline=None)
-@given(layouts(), st.integers(1, 6), st.booleans(), st.sampled_from(["subspace", "exact", "sketch"]))
+@given(layouts(), st.integers(1, 6), st.booleans(), st.sampled_from(["subspace", "exact", "eigh"]))
 def test_only_kept_prompt_values_change_all_by_the_same_vector(lay, budget, layerwise, solver):
     memory, scores, selection = setup(lay, budget, layerwise)
     gathered = gather_selection(memory, selection)
@@ -166,7 +166,7 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     basis = torch.randn(2, 8, generator=gen)  # every value in a 2-dim subspace; 4 kept tokens span it
     for v in memory.values:
         v.copy_(torch.randn(*v.shape[:3], 2, generator=gen) @ basis)
-    for solver in ("exact", "subspace", "sketch"):
+    for solver in ("exact", "subspace", "eigh"):
         res = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
         assert not bool(res.applied.any()) and bool((res.shift == 0).all())
         assert res.diagnostics()["obf_injected_norm"] == 0.0
@@ -182,7 +182,7 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     st.integers(20, 40),
     st.sampled_from([2, 4]),
     st.integers(0, 999),
-    st.sampled_from(["subspace", "sketch"]),
+    st.sampled_from(["subspace", "eigh"]),
 )
 def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, rank, seed, solver):
     lay = Layout(batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed)
@@ -250,37 +250,6 @@ def test_bf16_values_stay_bf16_and_frozen_regions_bit_identical():
         assert v_out.dtype == torch.bfloat16
         frozen = ~current.expand_as(v_out)
         assert torch.equal(v_out[frozen], v_plain[frozen])
-
-
-@pytest.mark.parametrize("tail_decay", [0.0, 0.3])
-def test_sketch_keeps_a_1_5_gap_over_a_flat_spectral_tail(tail_decay):
-    """Worst case for an early stop: sigma_p / sigma_{p+1} = 1.5 with a flat (or slowly decaying) tail, where one
-    power step underestimates sigma_p; the block Krylov check must not take the gap for missing."""
-    from compression.backfill import _sketch_layer, _start_block, _Values
-
-    gen = torch.Generator().manual_seed(0)
-    n, t, d, k, p = 6, 200, 64, 16, 4
-    x = torch.randn(n, k, d, generator=gen)
-    qt = kept_basis(x, torch.full((n,), k))
-    sig = torch.cat([torch.linspace(2.0, 1.0, p) * 1.5, torch.logspace(0, -tail_decay, d - k - p)])
-    ys = []
-    for i in range(n):
-        proj = torch.eye(d) - qt[i].mT @ qt[i]
-        basis = torch.linalg.qr(proj @ torch.randn(d, d - k, generator=gen)).Q
-        left = torch.linalg.qr(torch.randn(t, d - k, generator=gen)).Q
-        ys.append((left * sig) @ basis.mT + torch.randn(t, k, generator=gen) @ qt[i])
-    y = torch.stack(ys)
-    w_hat = torch.rand(n, t, generator=gen)
-    w_hat = w_hat / w_hat.sum(-1, keepdim=True)
-    cfg = BackfillConfig(rank=p, solver="sketch")
-    omega_t = _start_block(d, p + cfg.sketch_oversample, cfg.seed, "cpu", torch.float32).mT.contiguous()
-    r, c, _, _ = _sketch_layer(_Values(y, torch.ones(n, 1, t), None), w_hat, qt, omega_t, p, cfg)
-    delta = torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", r, c), c).double()
-    res = y.double() - (y.double() @ qt.double().mT) @ qt.double()
-    vh = torch.linalg.svd(res, full_matrices=False).Vh[:, :p]
-    rr = torch.einsum("nt,ntd->nd", w_hat.double(), res)
-    want = torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", rr, vh), vh)
-    assert float(((delta - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 1e-3
 
 
 @pytest.mark.parametrize("nearly_in_span", [False, True])

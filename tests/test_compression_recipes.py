@@ -18,7 +18,7 @@ OPTION_VALUES = {
     "pool": st.sampled_from(["1", "3", "7"]),
     "value": st.sampled_from(["none", "l1", "L2", "wo"]),
     "rank": st.sampled_from(["1", "2", "4", "all"]),
-    "solver": st.sampled_from(["exact", "subspace", "eigh", "sketch"]),
+    "solver": st.sampled_from(["exact", "subspace", "eigh"]),
     "inject": st.sampled_from(["uniform", "attention"]),
     "scale": st.sampled_from(["ratio", "none", "share"]),
     "ablation": st.sampled_from(["none", "no-projection", "naive-aggregation", "no-scaling", "all-components"]),
