@@ -682,7 +682,8 @@ def decode(
     expect_fingerprint: str | None = None,
     limits: WireLimits = DEFAULT_LIMITS,
 ) -> TextMessage | LatentMessage:
-    """Unpack and verify a packet. ``expect_fingerprint`` rejects working memory of another model.
+    """Unpack and verify a packet (any contiguous bytes-like object, e.g. a numpy ``uint8`` array).
+    ``expect_fingerprint`` rejects working memory of another model.
 
     Tensors of the result are views of ``data`` (or of the decompressed payload) where alignment allows: do
     not mutate ``data`` while the message is in use. Every problem raises a :class:`PacketError`.

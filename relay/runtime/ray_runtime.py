@@ -179,10 +179,11 @@ class ModelHost:
         return dict(self.info_)
 
     def step(self, run_key: str, graph: AgentGraph, name: str, questions: list[str], answer_format: str,
-             inputs: list[tuple[str, Any]], exports: list[str], *packets: list[bytes]):
+             inputs: list[tuple[str, Any]], exports: list[str], *packets: list):
         """Run node ``name`` for one batch. ``inputs[i]`` is ``("local", edge)`` or ``("remote", j)``: the
         edge's messages are in this host's store, or are ``packets[j]``. Returns ``(meta, *packet_lists)``,
-        one packet list per edge in ``exports``; other out-edges are kept here for the next same-host step."""
+        one packet list per edge in ``exports`` (packets as numpy views, see :func:`out_of_band`); other
+        out-edges are kept here for the next same-host step."""
         from relay.wire import decode
 
         if self.error is not None:
@@ -218,7 +219,7 @@ class ModelHost:
                 continue
             self.store[f"{run_key}/{key}"] = messages
         for key in exports:
-            sent.append(out.packets[key])
+            sent.append([out_of_band(p) for p in out.packets[key]])
         return (meta, *sent) if sent else meta
 
     def discard(self, run_key: str) -> int:
@@ -230,6 +231,16 @@ class ModelHost:
 
     def held(self) -> int:
         return len(self.store)
+
+
+def out_of_band(packet: bytes):
+    """A packet as a numpy view of its bytes (no copy). Ray keeps numpy arrays out of its pickle stream: the array
+    is copied into the object store once and the receiving host gets a read-only view of the store's memory,
+    which :func:`relay.wire.decode` reads in place; ``bytes`` would be copied out of the store again
+    (``benchmarks/ray_transport.py`` times both)."""
+    import numpy
+
+    return numpy.frombuffer(packet, dtype=numpy.uint8)
 
 
 # ------------------------------------------------------------------------------------------------ scheduling
