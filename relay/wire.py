@@ -259,6 +259,38 @@ def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     return fields, frames
 
 
+def _message_header(message: TextMessage | LatentMessage) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """The header fields of a message (all but the frame table) and its named frames."""
+    if isinstance(message, TextMessage):
+        return {"kind": "text", "sender": message.sender, "texts": list(message.texts)}, []
+    if isinstance(message, LatentMessage):
+        fields, frames = _memory_frames(message.memory)
+        header = {"kind": "latent", "sender": message.sender, "recipe": message.recipe, **fields}
+        header["metrics"] = _plain(message.metrics)
+        return header, frames
+    raise TypeError(f"cannot encode {type(message).__name__}; expected TextMessage or LatentMessage")
+
+
+def _frame_table(frames: list[tuple[str, torch.Tensor]]) -> tuple[list[list], int]:
+    """``[name, dtype, shape, offset, size]`` per frame, each at the next 64-byte boundary, and the payload length."""
+    table, offset = [], 0
+    for name, tensor in frames:
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"frame {name}: dtype {tensor.dtype} cannot travel")
+        start, size = _align(offset), tensor.numel() * tensor.element_size()
+        table.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, size])
+        offset = start + size
+    return table, offset
+
+
+def _head(header: dict, flags: int, stored_len: int, raw_len: int, limits: WireLimits) -> bytes:
+    """Prefix + msgpack header + zero padding to the payload's 64-byte boundary."""
+    head_bytes = msgpack.packb(header, use_bin_type=True)
+    _check_declared(len(head_bytes), raw_len, limits)
+    head = PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head_bytes), 0, stored_len, raw_len) + head_bytes
+    return head + bytes(_align(len(head)) - len(head))
+
+
 def encode(
     message: TextMessage | LatentMessage,
     *,
@@ -267,34 +299,19 @@ def encode(
 ) -> bytes:
     """Pack a message into one packet (see the module docstring). ``zstd_level`` compresses the payload
     (kept raw when compression does not shrink it)."""
-    if isinstance(message, TextMessage):
-        header: dict[str, Any] = {"kind": "text", "sender": message.sender, "texts": list(message.texts)}
-        frames: list[tuple[str, torch.Tensor]] = []
-    elif isinstance(message, LatentMessage):
-        fields, frames = _memory_frames(message.memory)
-        header = {"kind": "latent", "sender": message.sender, "recipe": message.recipe, **fields}
-        header["metrics"] = _plain(message.metrics)
-    else:
-        raise TypeError(f"cannot encode {type(message).__name__}; expected TextMessage or LatentMessage")
     if zstd_level is not None and not (-100 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
         raise ValueError(f"zstd level must be in [-100, {zstandard.MAX_COMPRESSION_LEVEL}], got {zstd_level}")
-
-    pieces: list[memoryview] = []
-    table = []
-    offset = 0
-    for name, tensor in frames:
-        if tensor.dtype not in DTYPE_NAMES:
-            raise ValueError(f"frame {name}: dtype {tensor.dtype} cannot travel")
-        view = _bytes_view(tensor)
-        start = _align(offset)
-        if start > offset:
-            pieces.append(_ZEROS[: start - offset])
-        pieces.append(view)
-        table.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, len(view)])
-        offset = start + len(view)
-    raw_len = offset
+    header, frames = _message_header(message)
+    table, raw_len = _frame_table(frames)
     header["frames"] = table
     header["zstd_level"] = zstd_level
+    pieces: list[memoryview] = []
+    end = 0
+    for (_, tensor), (_, _, _, start, size) in zip(frames, table):
+        if start > end:
+            pieces.append(_ZEROS[: start - end])
+        pieces.append(_bytes_view(tensor))
+        end = start + size
 
     flags = 0
     if zstd_level is not None and raw_len:
@@ -302,14 +319,18 @@ def encode(
         packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
         if len(packed) < raw_len:
             pieces, flags = [memoryview(packed)], FLAG_ZSTD
-    stored_len = sum(len(p) for p in pieces)
-
-    head_bytes = msgpack.packb(header, use_bin_type=True)
-    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head_bytes), 0, stored_len, raw_len)
-    head = prefix + head_bytes
-    head += bytes(_align(len(head)) - len(head))
-    _check_declared(len(head_bytes), raw_len, limits)
+    head = _head(header, flags, sum(len(p) for p in pieces), raw_len, limits)
     return b"".join([head, *pieces, _digest(head, pieces)])
+
+
+def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = DEFAULT_LIMITS) -> int:
+    """``len(encode(message))`` (raw payload) without building the packet: no copy, no checksum, and no transfer
+    of device tensors, for messages that are measured but never sent (a same-host hand-off)."""
+    header, frames = _message_header(message)
+    table, raw_len = _frame_table(frames)
+    header["frames"] = table
+    header["zstd_level"] = None
+    return len(_head(header, 0, raw_len, raw_len, limits)) + raw_len + DIGEST_SIZE
 
 
 # ------------------------------------------------------------------------------------------------ decode

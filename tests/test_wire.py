@@ -26,6 +26,7 @@ from relay.wire import (
     decode,
     describe,
     encode,
+    encoded_size,
 )
 from tests.fuzz.packets import make_memory, seal, seed_packets, split
 
@@ -82,6 +83,18 @@ def test_quantized_round_trip(bits, dtype):
         real = memory.valid[:, None, :, None].expand_as(orig)
         step = (orig.float().amax() - orig.float().amin()) / (2**bits - 1)
         assert float((x.float() - orig.float()).abs()[real].max()) <= float(step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoded_size_is_the_packet_length(dtype):
+    memory = make_memory(tokens=9, dim=8, layers=3, dtype=dtype, per_head=True)
+    for message in (
+        TextMessage("critic", ["The answer is 42.", "ünïcödé ✓"]),
+        LatentMessage("planner", memory, "h:budget=4", {"seconds": 0.5}),
+        LatentMessage("planner", quantize_memory(memory, 4), "h:budget=4+int4"),
+        LatentMessage("planner", make_memory(layers=0)),
+    ):
+        assert encoded_size(message) == len(encode(message))
 
 
 def test_text_round_trip():

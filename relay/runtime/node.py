@@ -1,8 +1,9 @@
 """Running one graph node for a batch of items: inbox -> prompt -> agent step -> outgoing messages.
 
 Shared by the local and the Ray runtimes. Sender-side, every latent out-edge applies its compression recipe and
-every message is measured by the bytes it occupies on the wire; receiver-side, latent messages are unpacked and
-concatenated in topological order of their senders, text messages become labelled sections of the prompt.
+every message is measured by the bytes it occupies on the wire (it is encoded only when it leaves the process);
+receiver-side, latent messages are unpacked and concatenated in topological order of their senders, text messages
+become labelled sections of the prompt.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class NodeExecutor:
     ) -> NodeOutput:
         """Run node ``name`` for every item; ``inboxes[b]`` holds item ``b``'s messages in parent order.
 
-        Every message is encoded once to measure its wire size; the packets of the edges named in
-        ``keep_packets`` (those that cross to another process) are kept in ``NodeOutput.packets`` for sending."""
-        from relay.wire import encode
+        Every message is measured by its wire size; only the edges named in ``keep_packets`` (those that cross to
+        another process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
+        from relay.wire import encode, encoded_size
 
         start = time.perf_counter()
         node = graph.node(name)
@@ -93,12 +94,13 @@ class NodeExecutor:
                     msg, info = self._latent_message(name, memory, out.observations, b, e.recipe)
                 else:
                     msg, info = TextMessage(name, [out.texts[b]]), {}
-                packet = encode(msg)
                 messages.append(msg)
-                sizes.append(len(packet))
                 metrics.append(info)
                 if key in keep_packets:
-                    packets.append(packet)
+                    packets.append(encode(msg))
+                    sizes.append(len(packets[-1]))
+                else:
+                    sizes.append(encoded_size(msg))
             result.outgoing[key], result.edge_bytes[key], result.edge_metrics[key] = messages, sizes, metrics
             if key in keep_packets:
                 result.packets[key] = packets
