@@ -116,10 +116,39 @@ class ModelRunner:
         items, observations = split_memory(memory, observation)
         return AgentOutput(items, observations, texts, counts)
 
+    @torch.inference_mode()
+    def continuation_logprobs(
+        self,
+        memories: Sequence[KVState | None],
+        prompts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        agent: str,
+    ) -> list[torch.Tensor]:
+        """Teacher forcing: prefill ``prompts[b] + continuations[b]`` on ``memories[b]`` (as agent ``agent``) and
+        return, per item, the log-probabilities over the vocabulary at each continuation token, ``[len(c), V]``
+        float32 (row ``j`` is the distribution the model gives token ``j``, before seeing it)."""
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("every continuation needs at least one token")
+        memory = self._stack(memories)
+        seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
+        self._check_length(memory, seqs, 0, None)
+        memory, idx = memory.agent_index(agent)
+        ids, valid = self._left_pad(seqs)
+        segment = torch.full_like(ids, int(Segment.PROMPT))
+        cache = memory.to_cache()
+        _, hidden, _ = self._forward(memory, cache, self.embed(ids), valid, segment, idx, all_positions=True)
+        width = ids.shape[1]
+        out = []
+        for b, c in enumerate(continuations):  # sequences are right-aligned; position t predicts token t + 1
+            rows = hidden[b, width - len(c) - 1 : width - 1]
+            out.append(torch.log_softmax(self.lm_head(rows).float(), dim=-1))
+        return out
+
     # -------------------------------------------------------------- pieces
-    def _forward(self, memory, cache, embeds, valid, segment, agent_idx, observe=False):
+    def _forward(self, memory, cache, embeds, valid, segment, agent_idx, observe=False, all_positions=False):
         """One forward of new positions on ``memory`` (whose tensors live in ``cache``); returns the grown memory,
-        the last hidden state and, when observing, the new position's attention rows ``[B, L, H_kv, T]``."""
+        the last hidden state (every new position's with ``all_positions``) and, when observing, the new position's
+        attention rows ``[B, L, H_kv, T]``."""
         b, q = valid.shape
         start = memory.next_position().to(self.device)
         offset = (valid.cumsum(1) - 1).clamp(min=0)
@@ -146,7 +175,7 @@ class ModelRunner:
             for k, v in zip(grown.keys, grown.values):
                 k[:, :, -q:].masked_fill_(pad, 0)
                 v[:, :, -q:].masked_fill_(pad, 0)
-        hidden = out.last_hidden_state[:, -1]
+        hidden = out.last_hidden_state if all_positions else out.last_hidden_state[:, -1]
         attn = None
         if observe:
             attn = torch.stack([a[:, :, -1].float() for a in out.attentions], dim=1)  # [B, L, H, T]

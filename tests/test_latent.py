@@ -53,3 +53,23 @@ def test_observation_rows_are_distributions_over_existing_slots(mode):
         for i in range(4):  # thought i sees slots up to and including itself, nothing later
             assert float(obs.attention[..., i, t - 4 + i + 1 :].abs().sum()) == 0.0
     assert runner.model.config._attn_implementation != "eager" or loaded.model.config._attn_implementation == "eager"
+
+
+def test_continuation_logprobs_match_a_plain_forward_and_ignore_batch_padding():
+    loaded = tiny_model("llama")
+    runner = ModelRunner(loaded.model, None, loaded.fingerprint)
+    prompts, continuations = [list(range(3, 12)), [40, 41]], [[5, 6, 7], [9, 10, 11, 12]]
+    got = runner.continuation_logprobs([None, None], prompts, continuations, "critic")
+    for p, c, logprobs in zip(prompts, continuations, got, strict=True):
+        with torch.inference_mode():
+            logits = loaded.model(torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+        assert logprobs.shape == (len(c), logits.shape[-1])
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4)
+    first = runner.step([None, None], prompts, "planner", thoughts=2)
+    critic_prompts = [[7, 8], [1, 2, 3]]
+    both = runner.continuation_logprobs(first.memories, critic_prompts, continuations, "critic")
+    for b in range(2):
+        alone = runner.continuation_logprobs([first.memories[b]], [critic_prompts[b]], [continuations[b]], "critic")
+        torch.testing.assert_close(both[b], alone[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="continuation"):
+        runner.continuation_logprobs([None], [[1, 2]], [[]], "critic")
