@@ -17,6 +17,7 @@ over its solution tokens; ``+-`` is the standard error over items.
 
     python -m benchmarks.relay_fidelity                      # default model, 10 items, 10 thoughts
     python -m benchmarks.relay_fidelity --model smollm2-135m --items 4
+    python -m benchmarks.relay_fidelity --recipe h:budget=8 --recipe h-obf:budget=8,rank=2
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from agents.models import DEFAULT_MODEL, resolve_model
 from agents.prompts import agent_message, chat_ids
 from agents.runner import ModelRunner
 from benchmarks.tasks import get_task
-from compression import compress
+from compression import RecipeError, compress, parse_recipe
 from relay.messages import LatentMessage
 from relay.wire import encoded_size
 
@@ -79,7 +80,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--thoughts", type=int, default=10, help="the planner's latent thoughts")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument(
+        "--recipe",
+        action="append",
+        dest="recipes",
+        metavar="RECIPE",
+        help=f"a recipe to measure (repeat the flag for several; default: {', '.join(RECIPES)})",
+    )
     args = ap.parse_args(argv)
+    recipes = tuple(args.recipes or RECIPES)
+    for recipe in recipes:  # a malformed recipe fails here, before the model loads
+        try:
+            parse_recipe(recipe)
+        except RecipeError as e:
+            ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    labels = (FULL, *RECIPES, ALONE)
+    labels = (FULL, *recipes, ALONE)
     results: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     for b, (memory, observation) in enumerate(zip(planner.memories, planner.observations, strict=True)):
         tokens = solutions[b]
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         reference = score(memory, prompts[b])
         full_bytes = encoded_size(LatentMessage("planner", memory))
         results[FULL].append({**compare(reference, reference, tokens), "bytes": full_bytes})
-        for recipe in RECIPES:
+        for recipe in recipes:
             packed, _ = compress(memory, observation, recipe)
             message = LatentMessage("planner", packed, recipe)
             got = score(message.unpacked(), prompts[b])
