@@ -9,7 +9,9 @@
    codec and the memory copy are timed in alternation and their ratio is the median of per-repeat ratios.
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
    receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
-   spent in the wire codec (encode + decode): the median of the per-repeat shares.
+   spent in the wire codec (encode + decode): the median of the per-repeat shares. ``encode faults`` counts the
+   page faults of one encode (median): the packet is a fresh ``bytes`` object whose pages the operating system
+   maps in as encode writes them, a cost that depends on the machine (high on a small VM) more than on the codec.
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -137,12 +140,15 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
             continue
         quantized = recipe.endswith(("int8", "int4"))
         steps: list[tuple[float, float, float, float]] = []
+        faults: list[int] = []
         for _ in range(repeats + 1):  # the first round is a warm-up
             start = time.perf_counter()
             packed, _ = compress(memory, observation, recipe)
             compressed = time.perf_counter()
+            before = _minor_faults()
             packet = wire.encode(LatentMessage("planner", packed, recipe))
             encoded = time.perf_counter()
+            faults.append(_minor_faults() - before)
             received = wire.decode(packet)
             decoded = time.perf_counter()
             if quantized:
@@ -151,8 +157,13 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
         steps = steps[1:]
         share = statistics.median((e + d) / (c + e + d + q) for c, e, d, q in steps)
         comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
-        rows.append((recipe, comp, enc, dec, deq, len(packet), share))
+        rows.append((recipe, comp, enc, dec, deq, len(packet), share, statistics.median(faults[1:])))
     return rows
+
+
+def _minor_faults() -> int:
+    """Page faults of this process so far (a fresh packet's pages are faulted in as encode writes them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -187,7 +198,7 @@ def main() -> None:
         print(f"raw encode + decode vs memcpy, median of per-repeat ratios (timed in alternation): {raw_ratio:.0%}")
         print(
             f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
-            f"{'serialization share':>21}"
+            f"{'serialization share':>21}{'encode faults':>16}"
         )
         try:
             hops = hop_rows(memory, observation, args.repeats)
@@ -198,9 +209,10 @@ def main() -> None:
                 print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
                 print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
                 continue
-            recipe, comp, enc, dec, deq, size, share = row
+            recipe, comp, enc, dec, deq, size, share, faults = row
             print(
                 f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}"
+                f"{faults:>16,.0f}"
             )
         del memory, observation
 
