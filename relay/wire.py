@@ -271,16 +271,24 @@ def _message_header(message: TextMessage | LatentMessage) -> tuple[dict[str, Any
     raise TypeError(f"cannot encode {type(message).__name__}; expected TextMessage or LatentMessage")
 
 
+def _placed(frames) -> tuple[list[list], int]:
+    """The frame table ``[name, dtype, shape, offset, size]`` of ``(name, dtype, shape, size)`` frames, each frame
+    at the next 64-byte boundary (the one layout :func:`encode` writes and :func:`decode` accepts), and the
+    payload length."""
+    table, end = [], 0
+    for name, dtype, shape, size in frames:
+        start = _align(end)
+        table.append([name, dtype, list(shape), start, size])
+        end = start + size
+    return table, end
+
+
 def _frame_table(frames: list[tuple[str, torch.Tensor]]) -> tuple[list[list], int]:
-    """``[name, dtype, shape, offset, size]`` per frame, each at the next 64-byte boundary, and the payload length."""
-    table, offset = [], 0
+    """The frame table of named tensors and the payload length (see :func:`_placed`)."""
     for name, tensor in frames:
         if tensor.dtype not in DTYPE_NAMES:
             raise ValueError(f"frame {name}: dtype {tensor.dtype} cannot travel")
-        start, size = _align(offset), tensor.numel() * tensor.element_size()
-        table.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, size])
-        offset = start + size
-    return table, offset
+    return _placed((n, DTYPE_NAMES[t.dtype], t.shape, t.numel() * t.element_size()) for n, t in frames)
 
 
 def _head(header: dict, flags: int, stored_len: int, raw_len: int, limits: WireLimits) -> bytes:
@@ -480,26 +488,19 @@ class _Layout:
     layers: int
 
     def frame_table(self) -> tuple[list[list], list[int], int, int]:
-        """The canonical frame table ``[name, dtype, shape, offset, size]`` (each frame at the next 64-byte
-        boundary, as :func:`encode` writes it), the column offsets in layer 0, the span of one layer in bytes and
-        the payload length."""
-        entries: list[list] = []
-        end = 0
-        for name, dtype, shape in self.table:
-            start = _align(end)
-            end = start + math.prod(shape) * DTYPES[dtype].itemsize
-            entries.append([name, dtype, list(shape), start, end - start])
-        layer_start = end = _align(end)
-        column_offsets, sizes = [], []
-        for _, _, dtype, shape in self.columns:
-            column_offsets.append(_align(end))
-            sizes.append(math.prod(shape) * DTYPES[dtype].itemsize)
-            end = column_offsets[-1] + sizes[-1]
-        span = _align(end) - layer_start
+        """The canonical frame table (see :func:`_placed`), the column offsets in layer 0, the span of one layer in
+        bytes and the payload length."""
+
+        def frame(name: str, dtype: str, shape: tuple[int, ...]):
+            return name, dtype, shape, math.prod(shape) * DTYPES[dtype].itemsize
+
+        frames = [frame(*t) for t in self.table]
         for i in range(self.layers):
-            for (prefix, suffix, dtype, shape), first, size in zip(self.columns, column_offsets, sizes):
-                entries.append([f"{prefix}{i}{suffix}", dtype, list(shape), first + i * span, size])
-        end = entries[-1][3] + entries[-1][4] if entries else 0
+            frames += [frame(f"{prefix}{i}{suffix}", dtype, shape) for prefix, suffix, dtype, shape in self.columns]
+        entries, end = _placed(frames)
+        first = len(self.table)
+        column_offsets = [entry[3] for entry in entries[first : first + len(self.columns)]]
+        span = entries[first + len(self.columns)][3] - entries[first][3] if self.layers > 1 else 0
         return entries, column_offsets, span, end
 
 
@@ -578,9 +579,11 @@ def _tensors(
         name: _view(whole, typed, DTYPES[dtype], (), shape, entry[3])
         for (name, dtype, shape), entry in zip(layout.table, expected)
     }
+    if not layout.layers:
+        return named, [()] * len(layout.columns)
     columns = [
-        _view(whole, typed, DTYPES[dtype], (layout.layers,), shape, first, span).unbind(0) if layout.layers else ()
-        for (_, _, dtype, shape), first in zip(layout.columns, column_offsets)
+        _view(whole, typed, DTYPES[dtype], (layout.layers,), shape, first, span).unbind(0)
+        for (_, _, dtype, shape), first in zip(layout.columns, column_offsets, strict=True)
     ]
     return named, columns
 

@@ -97,6 +97,13 @@ def test_encoded_size_is_the_packet_length(dtype):
         assert encoded_size(message) == len(encode(message))
 
 
+def test_a_memory_without_layers_round_trips():
+    memory = make_memory(layers=0)
+    for packed in (memory, quantize_memory(memory, 8)):
+        out = decode(encode(LatentMessage("a", packed))).memory
+        assert out.num_layers == 0 and torch.equal(out.position, memory.position)
+
+
 def test_text_round_trip():
     msg = TextMessage("critic", ["The answer is 42.", "", "ünïcödé ✓"])
     for level in (None, 5):
