@@ -209,9 +209,8 @@ class QuantizedMemory(MemoryShape):
 
     def dequantize_meta(self) -> KVState:
         """A KVState of empty "meta" tensors with this memory's shapes (validates the layout cheaply)."""
-        meta = {(tuple(q.shape), q.dtype): None for q in (*self.keys, *self.values)}
-        for shape, dtype in meta:
-            meta[shape, dtype] = torch.empty(shape, dtype=dtype, device="meta")
+        kinds = {(tuple(q.shape), q.dtype) for q in (*self.keys, *self.values)}  # every layer shares one
+        meta = {(shape, dtype): torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in kinds}
         keys = [meta[tuple(q.shape), q.dtype] for q in self.keys]
         values = [meta[tuple(q.shape), q.dtype] for q in self.values]
         table = (self.segment, self.agent, self.position)
