@@ -9,9 +9,10 @@
    codec and the memory copy are timed in alternation and their ratio is the median of per-repeat ratios.
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
    receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
-   spent in the wire codec (encode + decode): the median of the per-repeat shares. ``encode faults`` counts the
-   page faults of one encode (median): the packet is a fresh ``bytes`` object whose pages the operating system
-   maps in as encode writes them, a cost that depends on the machine (high on a small VM) more than on the codec.
+   spent in the wire codec (encode + decode): the median of the per-repeat shares, and their range.
+   ``encode faults`` counts the page faults of one encode (median): the packet is a fresh ``bytes`` object whose
+   pages the operating system maps in as encode writes them, a cost that depends on the machine (high on a small
+   VM) more than on the codec.
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -121,8 +122,8 @@ def _seconds(fn) -> float:
 
 
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
-    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes, serialization share) of one relay hop,
-    or (recipe, error).
+    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes, per-repeat serialization shares, encode
+    page faults) of one relay hop, or (recipe, error).
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
     recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
@@ -155,9 +156,9 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
                 received.unpacked()
             steps.append((compressed - start, encoded - compressed, decoded - encoded, time.perf_counter() - decoded))
         steps = steps[1:]
-        share = statistics.median((e + d) / (c + e + d + q) for c, e, d, q in steps)
+        shares = [(e + d) / (c + e + d + q) for c, e, d, q in steps]
         comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
-        rows.append((recipe, comp, enc, dec, deq, len(packet), share, statistics.median(faults[1:])))
+        rows.append((recipe, comp, enc, dec, deq, len(packet), shares, statistics.median(faults[1:])))
     return rows
 
 
@@ -198,7 +199,7 @@ def main() -> None:
         print(f"raw encode + decode vs memcpy, median of per-repeat ratios (timed in alternation): {raw_ratio:.0%}")
         print(
             f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
-            f"{'serialization share':>21}{'encode faults':>16}"
+            f"{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
         )
         try:
             hops = hop_rows(memory, observation, args.repeats)
@@ -209,10 +210,11 @@ def main() -> None:
                 print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
                 print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
                 continue
-            recipe, comp, enc, dec, deq, size, share, faults = row
+            recipe, comp, enc, dec, deq, size, shares, faults = row
+            spread = f"{min(shares):.1%}-{max(shares):.1%}"
             print(
-                f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}{share:>21.1%}"
-                f"{faults:>16,.0f}"
+                f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
+                f"{statistics.median(shares):>21.1%}{spread:>14}{faults:>16,.0f}"
             )
         del memory, observation
 
