@@ -386,12 +386,13 @@ def orthogonal_backfill(
     n_max = int(n_evict.max()) if n_evict.numel() else 0
     w_hat = _weights_hat(scores, evict, config.aggregate)
 
-    kept_idx = _masked_order(keep, k_max)  # [L, B, H, k]
+    kept_idx = _masked_order(selection.keep, k_max).expand(L, b, h, k_max)  # sorted once per shared token set
     n_prob = L * b * h
     x = _gather_rows(memory.values, kept_idx).reshape(n_prob, k_max, d)
     kept_n = selection.kept[None, :, None].expand(L, b, h).reshape(-1)
     kept_valid = torch.arange(k_max, device=memory.device)[None, :] < kept_n[:, None]
-    x = x * kept_valid[..., None]
+    if not bool(kept_valid.all()):  # items that keep fewer than k_max tokens: zero the rows beyond
+        x = x * kept_valid[..., None]
     w_kept = scores.gather(-1, kept_idx).reshape(n_prob, k_max) * kept_valid
 
     if n_max == 0 or k_max == 0:
