@@ -30,18 +30,19 @@ from compression.selectors import current_agent_index, prompt_mask, select_headw
 SOLVERS = ("subspace", "eigh")
 
 
+def planner_step(runner: ModelRunner, questions: list[str], thoughts: int):
+    """The first agent of a sequential graph: the planner reads each question and thinks latently (no text)."""
+    prompts = [chat_ids(runner.tokenizer, agent_message("planner", q)) for q in questions]
+    return runner.step([None] * len(questions), prompts, "planner", thoughts=thoughts)
+
+
 def critic_memories(model: str, items: int, thoughts: int, data_dir: str | None):
     """(memory, observation) of the critic, per item, after planner -> critic."""
     loaded = resolve_model(model)
     runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
     tok = loaded.tokenizer
     questions = [item.question for item in get_task("gsm8k").load(items, data_dir)]
-    planner = runner.step(
-        [None] * len(questions),
-        [chat_ids(tok, agent_message("planner", q)) for q in questions],
-        "planner",
-        thoughts=thoughts,
-    )
+    planner = planner_step(runner, questions, thoughts)
     prompts = [chat_ids(tok, agent_message("critic", q, has_memory=True), continues=True) for q in questions]
     critic = runner.step(planner.memories, prompts, "critic", thoughts=thoughts)
     return loaded.name, list(zip(critic.memories, critic.observations, strict=True))

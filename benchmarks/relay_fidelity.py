@@ -33,6 +33,7 @@ import torch
 from agents.models import DEFAULT_MODEL, resolve_model
 from agents.prompts import agent_message, chat_ids
 from agents.runner import ModelRunner
+from benchmarks.obf_accuracy import planner_step
 from benchmarks.tasks import get_task
 from compression import RecipeError, compress, parse_recipe
 from relay.messages import LatentMessage
@@ -102,12 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = loaded.tokenizer
     items = get_task("gsm8k").load(args.items, args.data_dir)
     questions = [item.question for item in items]
-    planner = runner.step(
-        [None] * len(items),
-        [chat_ids(tok, agent_message("planner", q)) for q in questions],
-        "planner",
-        thoughts=args.thoughts,
-    )
+    planner = planner_step(runner, questions, args.thoughts)
     prompts = [chat_ids(tok, agent_message("critic", q, has_memory=True), continues=True) for q in questions]
     alone_prompts = [chat_ids(tok, agent_message("critic", q)) for q in questions]
     solutions = [tok(worked_solution(item.raw["answer"]), add_special_tokens=False)["input_ids"] for item in items]
