@@ -33,10 +33,11 @@ before anything is inflated), layers, heads, tokens and frames. Every problem ra
 
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -122,59 +123,51 @@ DEFAULT_LIMITS = WireLimits()
 
 
 # ------------------------------------------------------------------------------------------------ checksum
-def _digest(head: memoryview | bytes, payload: Sequence[memoryview]) -> bytes:
-    """XXH3-128 over the header block and the XXH3-128 of each :data:`DIGEST_CHUNK` chunk of the payload (the
-    concatenation of ``payload``). A non-cryptographic checksum: it detects corruption, not tampering. A large
-    payload's chunks are hashed in contiguous runs, one per available CPU, the caller taking the first (xxhash
-    releases the GIL), so the checksum never dominates a hop."""
-    chunks = _chunks(payload)
-    leaves: list[bytes] = [b""] * len(chunks)
+HASH_STEP = 256 << 10  # bytes hashed per update: small enough to still be in a core's cache after it was written
+
+
+def _hash_step() -> int:
+    """The hashing step: :data:`HASH_STEP`, or one whole leaf where the leaf is not a multiple of it."""
+    return HASH_STEP if DIGEST_CHUNK % HASH_STEP == 0 else DIGEST_CHUNK
+
+
+def _digest(head: memoryview | bytes, payload: memoryview, write: Callable[[int], None] | None = None) -> bytes:
+    """XXH3-128 over the header block and the XXH3-128 of each :data:`DIGEST_CHUNK` chunk of ``payload``. A
+    non-cryptographic checksum: it detects corruption, not tampering. A large payload's chunks are hashed in
+    contiguous runs, one per available CPU, the caller taking the first (xxhash releases the GIL), so the checksum
+    never dominates a hop.
+
+    Each chunk is hashed in steps of :func:`_hash_step` bytes; ``write(j)``, when given, is called just before
+    step ``j`` (payload bytes ``[j * step, (j + 1) * step)``) is hashed and must fill them: the encoder copies a
+    step's frames into the packet there, so the copy and the checksum read the source once, the checksum reading
+    the copy from cache, and both run on every CPU."""
+    total, step = len(payload), _hash_step()
+    n_leaves = -(-total // DIGEST_CHUNK)
+    leaves: list[bytes] = [b""] * n_leaves
 
     def hash_run(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            leaves[i] = _leaf_digest(chunks[i])
+            h = xxhash.xxh3_128(seed=DIGEST_SEED)
+            for start in range(i * DIGEST_CHUNK, min(total, (i + 1) * DIGEST_CHUNK), step):
+                if write is not None:
+                    write(start // step)
+                h.update(payload[start : start + step])
+            leaves[i] = h.digest()
 
-    runs = min(len(chunks), available_cpus(), 4)
-    bounds = [len(chunks) * i // max(1, runs) for i in range(runs + 1)]
+    runs = min(n_leaves, available_cpus(), 4)
+    bounds = [n_leaves * i // max(1, runs) for i in range(runs + 1)]
     pending = [_hash_pool().submit(hash_run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    if runs:
-        hash_run(bounds[0], bounds[1])
-    for future in pending:
-        future.result()
+    try:
+        if runs:
+            hash_run(bounds[0], bounds[1])
+    finally:
+        for future in pending:
+            future.result()
     h = xxhash.xxh3_128(seed=DIGEST_SEED)
     h.update(head)
     for leaf in leaves:
         h.update(leaf)
     return h.digest()
-
-
-def _leaf_digest(segments: list[memoryview]) -> bytes:
-    h = xxhash.xxh3_128(seed=DIGEST_SEED)
-    for segment in segments:
-        h.update(segment)
-    return h.digest()
-
-
-def _chunks(payload: Sequence[memoryview]) -> list[list[memoryview]]:
-    """The payload cut at multiples of :data:`DIGEST_CHUNK`, each chunk as the slices of ``payload`` it covers."""
-    total = sum(len(piece) for piece in payload)
-    if total <= DIGEST_CHUNK:
-        return [list(payload)] if total else []
-    chunks: list[list[memoryview]] = []
-    current: list[memoryview] = []
-    room = DIGEST_CHUNK
-    for piece in payload:
-        start = 0
-        while start < len(piece):
-            take = min(room, len(piece) - start)
-            current.append(piece[start : start + take])
-            start, room = start + take, room - take
-            if room == 0:
-                chunks.append(current)
-                current, room = [], DIGEST_CHUNK
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -190,13 +183,70 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
-    """Zero-copy byte view of a tensor (copied first if it is not a contiguous CPU tensor)."""
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a contiguous CPU tensor, else a contiguous CPU copy."""
     if not (t.is_cpu and t.is_contiguous()) or t.requires_grad:
         t = t.detach().cpu().contiguous()
+    return t
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a contiguous CPU tensor."""
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: look at its bytes
         t = t.reshape(-1).view(torch.uint8)
     return memoryview(t.numpy()).cast("B")
+
+
+# CPython's own constructor of an uninitialised bytes object and the address of its contents (private prototypes,
+# so that nothing else's use of ``ctypes.pythonapi`` is changed).
+_new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+    ("PyBytes_FromStringAndSize", ctypes.pythonapi)
+)
+_bytes_address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(("PyBytes_AsString", ctypes.pythonapi))
+
+
+def _build(head: bytes, sources: list[tuple[int, int, int]], payload_len: int) -> bytes:
+    """The packet ``head + payload + checksum`` as one new bytes object, the payload filled from ``sources``
+    (``(offset, address, size)`` in payload order, zeros between them) while it is checksummed (:func:`_digest`).
+
+    The object is made the way C code makes a bytes object, uninitialised by ``PyBytes_FromStringAndSize(NULL, n)``
+    and filled before anything else can see it: the payload is written once, by every CPU, and the checksum reads
+    it from cache, instead of hashing the sources and then joining them into a packet (a second read of each)."""
+    size = len(head) + payload_len + DIGEST_SIZE  # > 1: never CPython's shared empty or one-byte object
+    packet = _new_bytes(None, size)
+    base = _bytes_address(packet)
+    payload_at = base + len(head)
+    ctypes.memmove(base, head, len(head))
+    step = _hash_step()
+    cells: list[list[tuple[int | None, int, int]]] = [[] for _ in range(-(-payload_len // step))]
+
+    def place(address: int | None, offset: int, n: int) -> None:
+        while n:
+            j = offset // step
+            take = min(n, (j + 1) * step - offset)
+            cells[j].append((address, offset, take))
+            offset, n = offset + take, n - take
+            address = None if address is None else address + take
+
+    end = 0
+    for offset, address, n in sources:
+        place(None, end, offset - end)
+        place(address, offset, n)
+        end = offset + n
+    if end != payload_len:
+        raise AssertionError(f"frames end at {end}, not at the payload length {payload_len}")
+
+    def write(j: int) -> None:
+        for address, offset, n in cells[j]:
+            if address is None:
+                ctypes.memset(payload_at + offset, 0, n)
+            else:
+                ctypes.memmove(payload_at + offset, address, n)
+
+    with memoryview(packet) as view:
+        digest = _digest(head, view[len(head) : len(head) + payload_len], write)
+    ctypes.memmove(base + size - DIGEST_SIZE, digest, DIGEST_SIZE)
+    return packet
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -264,6 +314,8 @@ def _message_header(message: TextMessage | LatentMessage) -> tuple[dict[str, Any
     if isinstance(message, TextMessage):
         return {"kind": "text", "sender": message.sender, "texts": list(message.texts)}, []
     if isinstance(message, LatentMessage):
+        if not isinstance(message.sender, str) or not isinstance(message.recipe, str):
+            raise TypeError("a LatentMessage's sender and recipe must be strings (recipe '' for full relay)")
         fields, frames = _memory_frames(message.memory)
         header = {"kind": "latent", "sender": message.sender, "recipe": message.recipe, **fields}
         header["metrics"] = _plain(message.metrics)
@@ -313,22 +365,21 @@ def encode(
     table, raw_len = _frame_table(frames)
     header["frames"] = table
     header["zstd_level"] = zstd_level
-    pieces: list[memoryview] = []
-    end = 0
-    for (_, tensor), (_, _, _, start, size) in zip(frames, table):
-        if start > end:
-            pieces.append(_ZEROS[: start - end])
-        pieces.append(_bytes_view(tensor))
-        end = start + size
-
-    flags = 0
+    tensors = [_cpu_contiguous(tensor) for _, tensor in frames]  # alive until the packet is built
     if zstd_level is not None and raw_len:
+        pieces: list[memoryview] = []
+        end = 0
+        for tensor, (_, _, _, start, size) in zip(tensors, table):
+            pieces += [_ZEROS[: start - end], _bytes_view(tensor)]
+            end = start + size
         cobj = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compressobj(size=raw_len)
         packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
         if len(packed) < raw_len:
-            pieces, flags = [memoryview(packed)], FLAG_ZSTD
-    head = _head(header, flags, sum(len(p) for p in pieces), raw_len, limits)
-    return b"".join([head, *pieces, _digest(head, pieces)])
+            head = _head(header, FLAG_ZSTD, len(packed), raw_len, limits)
+            return _build(head, [(0, _bytes_address(packed), len(packed))], len(packed))
+    head = _head(header, 0, raw_len, raw_len, limits)
+    sources = [(start, t.data_ptr(), size) for t, (_, _, _, start, size) in zip(tensors, table) if size]
+    return _build(head, sources, raw_len)
 
 
 def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = DEFAULT_LIMITS) -> int:
@@ -399,7 +450,7 @@ def _open(data: bytes | bytearray | memoryview, limits: WireLimits) -> _Packet:
     if len(view) > total:
         raise HeaderError(f"{len(view) - total} unexpected bytes after the end of the packet")
     head, stored = view[:payload_off], view[payload_off : payload_off + stored_len]
-    if _digest(head, [stored]) != bytes(view[total - DIGEST_SIZE :]):
+    if _digest(head, stored) != bytes(view[total - DIGEST_SIZE :]):
         raise ChecksumError("checksum mismatch: the packet is corrupted or was altered")
     if any(view[PREFIX.size + header_len : payload_off]):
         raise HeaderError("non-zero header padding")

@@ -152,22 +152,32 @@ def test_payload_flip_is_a_checksum_error():
         decode(packet)
 
 
-def test_checksum_tree_over_chunks(monkeypatch):
+@pytest.mark.parametrize("chunk,step", [(500, wire.HASH_STEP), (512, 64), (576, 192)])
+def test_checksum_tree_over_chunks(monkeypatch, chunk, step):
     """The checksum is XXH3-128(header block + XXH3-128 of each DIGEST_CHUNK of the payload), the leaves hashed by
-    the thread pool; chunk edges fall inside frames, and a flip in any chunk is caught."""
+    the thread pool; chunk edges (and the edges of the steps in which the encoder copies and hashes) fall inside
+    frames, the packet is the frames and their zero padding, and a flip in any chunk is caught."""
     import xxhash
 
-    monkeypatch.setattr(wire, "DIGEST_CHUNK", 500)
+    monkeypatch.setattr(wire, "DIGEST_CHUNK", chunk)
+    monkeypatch.setattr(wire, "HASH_STEP", step)
     memory = make_memory()
     packet = encode(LatentMessage("a", memory))
+    assert type(packet) is bytes
     header_len = wire.PREFIX.unpack_from(packet)[3]
     start = wire._align(wire.PREFIX.size + header_len)
     payload = packet[start:-wire.DIGEST_SIZE]
-    assert len(payload) > 3 * 500
+    assert len(payload) > 3 * chunk
+    frames = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + header_len])
+    expected, end = bytearray(), 0
+    for (_, tensor), (_, _, _, offset, size) in zip(wire._memory_frames(memory)[1], frames["frames"], strict=True):
+        expected += bytes(offset - end) + tensor.contiguous().numpy().tobytes()
+        end = offset + size
+    assert payload == bytes(expected)
     ref = xxhash.xxh3_128(seed=wire.DIGEST_SEED)
     ref.update(packet[:start])
-    for i in range(0, len(payload), 500):
-        ref.update(xxhash.xxh3_128(payload[i : i + 500], seed=wire.DIGEST_SEED).digest())
+    for i in range(0, len(payload), chunk):
+        ref.update(xxhash.xxh3_128(payload[i : i + chunk], seed=wire.DIGEST_SEED).digest())
     assert packet[-wire.DIGEST_SIZE :] == ref.digest()
     out = decode(packet).memory
     assert all(torch.equal(a, b) for a, b in zip(out.values, memory.values, strict=True))
@@ -176,6 +186,11 @@ def test_checksum_tree_over_chunks(monkeypatch):
         bad[at] ^= 0x01
         with pytest.raises(ChecksumError):
             decode(bad)
+
+
+def test_message_fields_that_cannot_travel_are_refused_on_encode():
+    with pytest.raises(TypeError, match="recipe"):
+        encode(LatentMessage("a", make_memory(), recipe=None))
 
 
 def test_other_model_is_rejected_naming_both():

@@ -81,4 +81,4 @@ def seal(
     prefix = wire.PREFIX.pack(wire.MAGIC, version, flags, len(head_bytes), reserved, len(stored), raw_len)
     head = prefix + head_bytes
     head += bytes(wire._align(len(head)) - len(head))
-    return head + stored + wire._digest(head, [memoryview(stored)])
+    return head + stored + wire._digest(head, memoryview(stored))
