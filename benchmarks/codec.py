@@ -10,9 +10,11 @@
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
    receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
    spent in the wire codec (encode + decode): the median of the per-repeat shares, and their range.
-   ``encode faults`` counts the page faults of one encode (median): the packet is a fresh ``bytes`` object whose
-   pages the operating system maps in as encode writes them, a cost that depends on the machine (high on a small
-   VM) more than on the codec.
+   Decode includes giving the packet's memory back once the message is dropped. ``encode faults`` counts the page
+   faults of one encode (median): the packet is a fresh ``bytes`` object whose pages the operating system maps
+   in as encode writes them, a cost of the C allocator and the machine (high on a small VM) more than of the
+   codec. The hops are timed twice: with the C library's default allocator settings, then as a model host runs
+   them (:func:`relay.runtime.allocator.retain_freed_memory`: freed packet memory is kept for the next packet).
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -33,6 +35,7 @@ from relay import wire
 from relay.memory import KVState, Segment
 from relay.messages import LatentMessage
 from relay.observation import Observation
+from relay.runtime.allocator import retain_freed_memory
 
 
 @dataclass(frozen=True)
@@ -154,17 +157,46 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
             decoded = time.perf_counter()
             if quantized:
                 received.unpacked()
-            steps.append((compressed - start, encoded - compressed, decoded - encoded, time.perf_counter() - decoded))
+            dequantized = time.perf_counter()
+            size = len(packet)
+            del received, packet  # the packet's memory goes back: a cost of the packet, counted with decode
+            freed = time.perf_counter()
+            decode = decoded - encoded + freed - dequantized
+            steps.append((compressed - start, encoded - compressed, decode, dequantized - decoded))
         steps = steps[1:]
         shares = [(e + d) / (c + e + d + q) for c, e, d, q in steps]
         comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
-        rows.append((recipe, comp, enc, dec, deq, len(packet), shares, statistics.median(faults[1:])))
+        rows.append((recipe, comp, enc, dec, deq, size, shares, statistics.median(faults[1:])))
     return rows
 
 
 def _minor_faults() -> int:
     """Page faults of this process so far (a fresh packet's pages are faulted in as encode writes them)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def print_hops(memory: KVState, observation: Observation, repeats: int, allocator: str) -> None:
+    """The hop table of one cache (see :func:`hop_rows`), run with ``allocator``."""
+    print(f"hop, {allocator}:")
+    print(
+        f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
+        f"{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
+    )
+    try:
+        hops = hop_rows(memory, observation, repeats)
+    except ImportError as e:
+        hops = [("(any)", f"compression.compress unavailable: {e}")]
+    for row in hops:
+        if len(row) == 2:
+            print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
+            print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
+            continue
+        recipe, comp, enc, dec, deq, size, shares, faults = row
+        spread = f"{min(shares):.1%}-{max(shares):.1%}"
+        print(
+            f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
+            f"{statistics.median(shares):>21.1%}{spread:>14}{faults:>16,.0f}"
+        )
 
 
 def main() -> None:
@@ -176,7 +208,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; "
         f"medians of {args.repeats} repeats; GB = 1e9 bytes of fp32 cache"
     )
-    for shape in SHAPES[:1] if args.quick else SHAPES:
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for shape in shapes:
         memory, observation = make_cache(shape)
         gb = memory.nbytes / 1e9
         print(
@@ -197,25 +230,15 @@ def main() -> None:
                 f"{both / copy_rate:>10.0%}"
             )
         print(f"raw encode + decode vs memcpy, median of per-repeat ratios (timed in alternation): {raw_ratio:.0%}")
-        print(
-            f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
-            f"{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
-        )
-        try:
-            hops = hop_rows(memory, observation, args.repeats)
-        except ImportError as e:
-            hops = [("(any)", f"compression.compress unavailable: {e}")]
-        for row in hops:
-            if len(row) == 2:
-                print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
-                print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
-                continue
-            recipe, comp, enc, dec, deq, size, shares, faults = row
-            spread = f"{min(shares):.1%}-{max(shares):.1%}"
-            print(
-                f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
-                f"{statistics.median(shares):>21.1%}{spread:>14}{faults:>16,.0f}"
-            )
+        print_hops(memory, observation, args.repeats, "the default allocator")
+        del memory, observation
+    applied = retain_freed_memory()
+    how = "applied" if applied else "not glibc, so nothing changed"
+    print(f"\nThe hops again, as a model host runs them: retain_freed_memory() {how} (relay.runtime.allocator)")
+    for shape in shapes:
+        memory, observation = make_cache(shape)
+        print(f"\n{shape.name}-shaped cache")
+        print_hops(memory, observation, args.repeats, "freed packet memory kept for reuse")
         del memory, observation
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -134,8 +135,11 @@ def test_sequential_per_node_matches_local(per_node, reference, tmp_path):
     assert sorted(r.item_id for r in seen) == sorted(it.id for it in ITEMS)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(x["item_id"] for x in lines) == sorted(it.id for it in ITEMS)  # one line per item
-    pids = {h: ray.get(handles[0].info.remote())["pid"] for h, handles in per_node.hosts.items()}
+    infos = {h: ray.get(handles[0].info.remote()) for h, handles in per_node.hosts.items()}
+    pids = {h: info["pid"] for h, info in infos.items()}
     assert len(set(pids.values())) == 4 and os.getpid() not in pids.values()
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert all(info["allocator_retains_memory"] is glibc for info in infos.values())
 
 
 def test_mixed_placement_and_text_edges_match_local(per_node):

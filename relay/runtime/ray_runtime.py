@@ -162,8 +162,10 @@ class ModelHost:
             import torch
 
             from agents.runner import ModelRunner
+            from relay.runtime.allocator import retain_freed_memory
             from relay.runtime.node import NodeExecutor
 
+            self.info_["allocator_retains_memory"] = retain_freed_memory()  # packet memory reused hop to hop
             if threads:
                 torch.set_num_threads(threads)
             loaded, tokenizer = model.load(device)
