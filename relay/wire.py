@@ -34,6 +34,7 @@ before anything is inflated), layers, heads, tokens and frames. Every problem ra
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import struct
 import warnings
@@ -532,27 +533,40 @@ def _strings(header: dict, key: str, limit: int) -> list[str]:
 class _Layout:
     """The frames a latent header implies, in payload order: the token table's frames, then ``layers`` repeats of
     the per-layer ``columns`` (``k{i}``, ``v{i}`` or, quantized, their ``.data`` / ``.scale`` / ``.zero``).
-    Every layer has the same shapes, so column ``c`` of layer ``i`` sits at ``column_offsets[c] + i * span``."""
+    Every layer has the same shapes, so column ``c`` of layer ``i`` sits at ``column_offsets[c] + i * span``.
+    Hashable: the canonical frame table of a layout is built once (:func:`_canonical`), as hop after hop sends
+    memories of the same shape."""
 
-    table: list[tuple[str, str, tuple[int, ...]]]
-    columns: list[tuple[str, str, str, tuple[int, ...]]]  # (prefix, suffix, dtype, shape): name = prefix{i}suffix
+    table: tuple[tuple[str, str, tuple[int, ...]], ...]
+    columns: tuple[tuple[str, str, str, tuple[int, ...]], ...]  # (prefix, suffix, dtype, shape): prefix{i}suffix
     layers: int
 
-    def frame_table(self) -> tuple[list[list], list[int], int, int]:
-        """The canonical frame table (see :func:`_placed`), the column offsets in layer 0, the span of one layer in
-        bytes and the payload length."""
 
-        def frame(name: str, dtype: str, shape: tuple[int, ...]):
-            return name, dtype, shape, math.prod(shape) * DTYPES[dtype].itemsize
+@dataclass(frozen=True)
+class _Canonical:
+    """A layout's canonical frame table (see :func:`_placed`) and its msgpack bytes, the column offsets in layer
+    0, the span of one layer in bytes and the payload length."""
 
-        frames = [frame(*t) for t in self.table]
-        for i in range(self.layers):
-            frames += [frame(f"{prefix}{i}{suffix}", dtype, shape) for prefix, suffix, dtype, shape in self.columns]
-        entries, end = _placed(frames)
-        first = len(self.table)
-        column_offsets = [entry[3] for entry in entries[first : first + len(self.columns)]]
-        span = entries[first + len(self.columns)][3] - entries[first][3] if self.layers > 1 else 0
-        return entries, column_offsets, span, end
+    entries: list[list]
+    packed: bytes
+    column_offsets: list[int]
+    span: int
+    end: int
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical(layout: _Layout) -> _Canonical:
+    def frame(name: str, dtype: str, shape: tuple[int, ...]):
+        return name, dtype, shape, math.prod(shape) * DTYPES[dtype].itemsize
+
+    frames = [frame(*t) for t in layout.table]
+    for i in range(layout.layers):
+        frames += [frame(f"{prefix}{i}{suffix}", dtype, shape) for prefix, suffix, dtype, shape in layout.columns]
+    entries, end = _placed(frames)
+    first = len(layout.table)
+    column_offsets = [entry[3] for entry in entries[first : first + len(layout.columns)]]
+    span = entries[first + len(layout.columns)][3] - entries[first][3] if layout.layers > 1 else 0
+    return _Canonical(entries, msgpack.packb(entries), column_offsets, span, end)
 
 
 def _layout(header: dict, limits: WireLimits) -> _Layout:
@@ -569,12 +583,15 @@ def _layout(header: dict, limits: WireLimits) -> _Layout:
     if 3 + 6 * layers > limits.max_frames:
         raise LimitExceededError(f"{layers} layers need more than {limits.max_frames} frames")
     pos_shape = (layers, batch, heads, tokens) if per_head else (batch, tokens)
-    table = [("segment", "int8", (batch, tokens)), ("agent", "int16", (batch, tokens))]
-    table.append(("position", "int64", pos_shape))
+    table = (
+        ("segment", "int8", (batch, tokens)),
+        ("agent", "int16", (batch, tokens)),
+        ("position", "int64", pos_shape),
+    )
     shape = (batch, heads, tokens, dim)
     kind = _field(header, "memory", str)
     if kind == "kv":
-        return _Layout(table, [("k", "", dtype, shape), ("v", "", dtype, shape)], layers)
+        return _Layout(table, (("k", "", dtype, shape), ("v", "", dtype, shape)), layers)
     if kind != "quantized":
         raise HeaderError(f"memory kind {kind!r} is neither 'kv' nor 'quantized'")
     from compression.quant import group_layout
@@ -584,7 +601,7 @@ def _layout(header: dict, limits: WireLimits) -> _Layout:
     if quant is None:
         if layers:
             raise HeaderError("a quantized memory needs quantization parameters")
-        return _Layout(table, [], 0)
+        return _Layout(table, (), 0)
     bits = _field(quant, "bits", int)
     if bits not in SUPPORTED_BITS:
         raise HeaderError(f"quantization bits {bits} not in {SUPPORTED_BITS}")
@@ -601,7 +618,7 @@ def _layout(header: dict, limits: WireLimits) -> _Layout:
             (prefix, ".scale", "float16", (rows,)),
             (prefix, ".zero", "float16", (rows,)),
         ]
-    return _Layout(table, columns, layers)
+    return _Layout(table, tuple(columns), layers)
 
 
 def _tensors(
@@ -613,9 +630,10 @@ def _tensors(
     table = _field(packet.header, "frames", list)
     if len(table) > limits.max_frames:
         raise LimitExceededError(f"{len(table)} frames exceed the limit of {limits.max_frames}")
-    expected, column_offsets, span, end = layout.frame_table()
+    canonical = _canonical(layout)
+    expected, column_offsets, span, end = canonical.entries, canonical.column_offsets, canonical.span, canonical.end
     # msgpack bytes compare values *and* types (1 vs True vs 1.0) in one C call, whatever the frame count
-    if msgpack.packb(table) != msgpack.packb(expected):
+    if msgpack.packb(table) != canonical.packed:
         _explain_frame_mismatch(table, expected, len(packet.payload))
     payload = packet.payload
     if len(payload) != end:
