@@ -116,7 +116,7 @@ class KVState(MemoryShape):
                 raise MemoryError_(f"per-head position {tuple(self.position.shape)} does not match the memory")
         else:
             raise MemoryError_("position must be [batch, tokens] or [layers, batch, kv_heads, tokens]")
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+        for i, (k, v) in enumerate(() if self._layers_alike(b, t) else zip(self.keys, self.values)):
             if k.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[2] != t:
                 raise MemoryError_(
                     f"layer {i}: keys {tuple(k.shape)} / values {tuple(v.shape)} do not match [batch={b}, "
@@ -126,6 +126,15 @@ class KVState(MemoryShape):
                 raise MemoryError_(f"layer {i}: head count or head dim differs from layer 0")
         if self.per_head_positions and self.position.shape[2] != self.num_kv_heads:
             raise MemoryError_("per-head positions have a different head count than the keys")
+
+    def _layers_alike(self, b: int, t: int) -> bool:
+        """The usual case, checked in one step: one key shape ``[b, heads, t, head_dim]`` for every layer and one
+        value shape that agrees with it up to the head dim."""
+        keys, values = {k.shape for k in self.keys}, {v.shape for v in self.values}
+        if len(keys) != 1 or len(values) != 1:
+            return False
+        (k,), (v,) = keys, values
+        return len(k) == 4 and k[:3] == v[:3] and k[0] == b and k[2] == t
 
     # ------------------------------------------------------------- accounting
     @property

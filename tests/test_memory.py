@@ -122,3 +122,24 @@ def test_bad_memories_are_refused():
     foreign = ModelRunner(other, None, "fp-other").step([None], [[1, 2, 3]], "a").memories[0]
     with pytest.raises(IncompatibleMemoryError, match="fp-other"):
         runner.step([foreign], [[4]], "b")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda k, v: (k[:1] + [k[1][:, :, :2]], v),  # one layer's keys with fewer tokens
+        lambda k, v: (k[:1] + [torch.zeros(1, 2, 3, 4)], v),  # one layer's head dim differs
+        lambda k, v: ([x[:, :, :2] for x in k], [x[:, :, :2] for x in v]),  # every layer alike, tokens wrong
+        lambda k, v: (k, [x[:, :1] for x in v]),  # every layer alike, values with other heads than keys
+        lambda k, v: ([x[0] for x in k], [x[0] for x in v]),  # every layer alike, not 4-d
+    ],
+)
+def test_every_layer_is_checked_against_the_token_table(change):
+    m = KVState(
+        keys=[torch.zeros(1, 2, 3, 8)] * 2, values=[torch.zeros(1, 2, 3, 8)] * 2,
+        segment=torch.zeros(1, 3, dtype=torch.int8), agent=torch.zeros(1, 3, dtype=torch.int16),
+        position=torch.arange(3)[None],
+    )
+    keys, values = change(m.keys, m.values)
+    with pytest.raises(MemoryError_):
+        KVState(keys=keys, values=values, segment=m.segment, agent=m.agent, position=m.position)
