@@ -206,43 +206,53 @@ _new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize
 _bytes_address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(("PyBytes_AsString", ctypes.pythonapi))
 
 
-def _build(head: bytes, sources: list[tuple[int, int, int]], payload_len: int) -> bytes:
-    """The packet ``head + payload + checksum`` as one new bytes object, the payload filled from ``sources``
-    (``(offset, address, size)`` in payload order, zeros between them) while it is checksummed (:func:`_digest`).
+@functools.lru_cache(maxsize=64)
+def _copy_plan(extents: tuple[tuple[int, int], ...], payload_len: int, step: int) -> tuple[tuple, ...]:
+    """Per hashing step ``j`` of a payload (bytes ``[j * step, (j + 1) * step)``), the writes that fill it:
+    ``(source, offset in the source, payload offset, size)``, ``source`` indexing ``extents`` (the payload
+    ``(offset, size)`` of each source, in payload order) or -1 for zero padding. Cached: hop after hop sends
+    memories of the same shape."""
+    cells: list[list[tuple[int, int, int, int]]] = [[] for _ in range(-(-payload_len // step))]
+
+    def place(source: int, offset: int, n: int) -> None:
+        done = 0
+        while done < n:
+            j = (offset + done) // step
+            take = min(n - done, (j + 1) * step - offset - done)
+            cells[j].append((source, done, offset + done, take))
+            done += take
+
+    end = 0
+    for i, (offset, n) in enumerate(extents):
+        place(-1, end, offset - end)
+        place(i, offset, n)
+        end = offset + n
+    if end != payload_len:
+        raise AssertionError(f"frames end at {end}, not at the payload length {payload_len}")
+    return tuple(tuple(cell) for cell in cells)
+
+
+def _build(head: bytes, addresses: list[int], extents: tuple[tuple[int, int], ...], payload_len: int) -> bytes:
+    """The packet ``head + payload + checksum`` as one new bytes object, the payload filled from the sources at
+    ``addresses`` (payload ``(offset, size)`` in ``extents``, zeros between them) while it is checksummed
+    (:func:`_digest`, :func:`_copy_plan`).
 
     The object is made the way C code makes a bytes object, uninitialised by ``PyBytes_FromStringAndSize(NULL, n)``
     and filled before anything else can see it: the payload is written once, by every CPU, and the checksum reads
     it from cache, instead of hashing the sources and then joining them into a packet (a second read of each)."""
     size = len(head) + payload_len + DIGEST_SIZE  # > 1: never CPython's shared empty or one-byte object
+    plan = _copy_plan(extents, payload_len, _hash_step())
     packet = _new_bytes(None, size)
     base = _bytes_address(packet)
     payload_at = base + len(head)
     ctypes.memmove(base, head, len(head))
-    step = _hash_step()
-    cells: list[list[tuple[int | None, int, int]]] = [[] for _ in range(-(-payload_len // step))]
-
-    def place(address: int | None, offset: int, n: int) -> None:
-        while n:
-            j = offset // step
-            take = min(n, (j + 1) * step - offset)
-            cells[j].append((address, offset, take))
-            offset, n = offset + take, n - take
-            address = None if address is None else address + take
-
-    end = 0
-    for offset, address, n in sources:
-        place(None, end, offset - end)
-        place(address, offset, n)
-        end = offset + n
-    if end != payload_len:
-        raise AssertionError(f"frames end at {end}, not at the payload length {payload_len}")
 
     def write(j: int) -> None:
-        for address, offset, n in cells[j]:
-            if address is None:
-                ctypes.memset(payload_at + offset, 0, n)
+        for source, offset, at, n in plan[j]:
+            if source < 0:
+                ctypes.memset(payload_at + at, 0, n)
             else:
-                ctypes.memmove(payload_at + offset, address, n)
+                ctypes.memmove(payload_at + at, addresses[source] + offset, n)
 
     with memoryview(packet) as view:
         digest = _digest(head, view[len(head) : len(head) + payload_len], write)
@@ -338,10 +348,15 @@ def _placed(frames) -> tuple[list[list], int]:
 
 def _frame_table(frames: list[tuple[str, torch.Tensor]]) -> tuple[list[list], int]:
     """The frame table of named tensors and the payload length (see :func:`_placed`)."""
-    for name, tensor in frames:
-        if tensor.dtype not in DTYPE_NAMES:
-            raise ValueError(f"frame {name}: dtype {tensor.dtype} cannot travel")
-    return _placed((n, DTYPE_NAMES[t.dtype], t.shape, t.numel() * t.element_size()) for n, t in frames)
+    return _frame_table_of(tuple((name, tensor.dtype, tensor.shape) for name, tensor in frames))
+
+
+@functools.lru_cache(maxsize=64)
+def _frame_table_of(frames: tuple[tuple[str, torch.dtype, torch.Size], ...]) -> tuple[list[list], int]:
+    for name, dtype, _ in frames:
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"frame {name}: dtype {dtype} cannot travel")
+    return _placed((n, DTYPE_NAMES[dt], shape, math.prod(shape) * dt.itemsize) for n, dt, shape in frames)
 
 
 def _head(header: dict, flags: int, stored_len: int, raw_len: int, limits: WireLimits) -> bytes:
@@ -377,10 +392,10 @@ def encode(
         packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
         if len(packed) < raw_len:
             head = _head(header, FLAG_ZSTD, len(packed), raw_len, limits)
-            return _build(head, [(0, _bytes_address(packed), len(packed))], len(packed))
+            return _build(head, [_bytes_address(packed)], ((0, len(packed)),), len(packed))
     head = _head(header, 0, raw_len, raw_len, limits)
-    sources = [(start, t.data_ptr(), size) for t, (_, _, _, start, size) in zip(tensors, table) if size]
-    return _build(head, sources, raw_len)
+    extents = tuple((start, size) for _, _, _, start, size in table)
+    return _build(head, [t.data_ptr() for t in tensors], extents, raw_len)
 
 
 def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = DEFAULT_LIMITS) -> int:
