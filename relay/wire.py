@@ -20,8 +20,9 @@ The token table (segment, agent, position) and every key / value tensor (or the 
 of a KIVI-quantized memory, :mod:`compression.quant`) are frames, in a fixed order: the table, then per layer
 its key and value frames. The header implies every frame's dtype, shape and offset, so a decoder accepts exactly
 one frame table (compared in one step) and builds each per-layer column of frames as one strided view of the
-payload. Decoding is zero-copy where the buffer alignment allows: tensors are views of the packet (or of the
-decompressed payload); a misaligned buffer is copied once.
+payload. Encoding writes each payload byte once, straight into the new packet, checksumming it while it is in
+cache (:func:`_build`). Decoding is zero-copy where the buffer alignment allows: tensors are views of the packet
+(or of the decompressed payload); a misaligned buffer is copied once.
 
 The checksum is XXH3-128 over the fixed prefix, the header and the XXH3-128 of each 4 MiB chunk of the payload
 (a hash tree of depth one, so that large payloads are hashed by parallel threads), so a flipped bit anywhere is
