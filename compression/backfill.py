@@ -214,6 +214,10 @@ def _start_block(d: int, width: int, seed: int, device, dtype) -> torch.Tensor:
     return torch.linalg.qr(z).Q.to(device=device, dtype=dtype)
 
 
+#: below this ratio of the p-th to the first Ritz value, the subspace solver hands a problem to eigh (see below)
+STEEP_SPECTRUM = 1e-2
+
+
 def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> torch.Tensor:
     """Top-``p`` eigenvectors of symmetric PSD ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
 
@@ -236,8 +240,15 @@ def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> 
         elif step is not gram or (i + 1) % cfg.orth_every == 0:
             zt = _orthonormalize_rows(zt)
     t = (zt @ gram) @ zt.mT
-    _, u = torch.linalg.eigh(torch.nan_to_num(0.5 * (t + t.mT)))
-    return u[..., -p:].mT @ zt
+    theta, u = torch.linalg.eigh(torch.nan_to_num(0.5 * (t + t.mT)))
+    c = u[..., -p:].mT @ zt
+    # Products with G^2 square the spread of the spectrum: where the p-th Ritz value is below STEEP_SPECTRUM of the
+    # first, float32 rounding in them drowns the p-th direction (a steep spectrum, often with a wide gap at p).
+    # Those problems, rare in real caches, are solved by eigh instead.
+    steep = (theta[..., -p] < STEEP_SPECTRUM * theta[..., -1]).nonzero().squeeze(1)
+    if steep.numel():
+        c[steep] = top_directions_eigh(gram[steep], p)
+    return c
 
 
 def top_directions_eigh(gram: torch.Tensor, p: int, solvable: torch.Tensor | None = None) -> torch.Tensor:

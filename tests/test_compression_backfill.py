@@ -16,6 +16,7 @@ from compression.backfill import (
     kept_basis,
     layer_residual_gram,
     orthogonal_backfill,
+    top_directions_subspace,
 )
 from compression.scores import compute_scores
 from compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
@@ -175,6 +176,12 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     assert bool(ablated.applied.any())  # "no projection" injects the evicted values themselves
 
 
+# strengths of the planted residual directions: close together, or spread over orders of magnitude (a steep
+# spectrum: products with G^2 in float32 lose the weak directions unless the solver notices)
+SPECTRA = {"moderate": [12.0, 9.0, 7.0, 5.5], "steep": [1000.0, 100.0, 20.0, 8.0]}
+
+
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @settings(max_examples=6, deadline=None)
 @given(
     st.integers(1, 2),
@@ -184,13 +191,13 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
     st.integers(0, 999),
     st.sampled_from(["subspace", "eigh"]),
 )
-def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, rank, seed, solver):
+def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(spectrum, batch, d, prompt, rank, seed, solver):
     lay = Layout(batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed)
     memory, scores, selection = setup(lay, 6, False)
     # plant a residual with a spectral gap: kept values live in the first half of the channels, evicted values
     # carry p strong directions in the second half (plus isotropic noise everywhere)
     gen = torch.Generator().manual_seed(seed)
-    strength = torch.tensor([12.0, 9.0, 7.0, 5.5])[:rank]
+    strength = torch.tensor(SPECTRA[spectrum][:rank])
     keep = selection.keep.expand(lay.layers, batch, lay.heads, memory.num_tokens)
     for li, v in enumerate(memory.values):
         dirs = torch.linalg.qr(torch.randn(d // 2, rank, generator=gen)).Q.T  # [p, d/2]
@@ -210,6 +217,20 @@ def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(batch, d, prompt, ran
         err = float((fast.shift[li, b, h] - ref).norm()) / max(float(ref.norm()), 1e-12)
         assert err < 1e-3, err
     assert checked > 0
+
+
+@pytest.mark.parametrize("p,decay", [(4, 0.5), (4, 0.1), (4, 0.05), (2, 0.05), (2, 0.005)])
+def test_subspace_directions_are_exact_on_steep_spectra(p, decay):
+    """Residual Grams whose eigenvalues fall by ``decay`` per index (a wide gap at p, but the p-th eigenvalue far
+    below the first): the subspace solver still returns the top-p eigenvectors."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 64, 64
+    lam = decay ** torch.arange(d, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64)).Q
+    gram = ((q * lam) @ q.mT).float()
+    top = q[..., :p].mT.float()
+    c = top_directions_subspace(gram, p, BackfillConfig(rank=p))
+    assert float(torch.linalg.matrix_norm(c.mT @ c - top.mT @ top).max()) < 1e-3
 
 
 def test_kept_basis_is_orthonormal_and_spans_the_kept_values_even_when_rank_deficient():
