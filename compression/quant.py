@@ -55,10 +55,8 @@ def group_layout(shape: tuple[int, ...], axis: str, group_size: int | None) -> t
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
 def _packed_shape(shape: tuple[int, ...], axis: str, group_size: int | None, bits: int) -> tuple[int, int]:
-    """``(rows, packed bytes per row)`` of the codes of a ``shape`` tensor (every layer of a memory shares it, so
-    it is worked out once)."""
+    """``(rows, packed bytes per row)`` of the codes of a ``shape`` tensor (every layer of a memory shares it)."""
     kernels.reference.check_bits(bits)
     rows, group, _ = group_layout(shape, axis, group_size)
     return rows, kernels.packed_width(group, bits)
