@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from compression.backfill import (
@@ -191,6 +191,7 @@ SPECTRA = {"moderate": [12.0, 9.0, 7.0, 5.5], "steep": [1000.0, 100.0, 20.0, 8.0
     st.integers(0, 999),
     st.sampled_from(["subspace", "eigh"]),
 )
+@example(batch=1, d=32, prompt=30, rank=4, seed=0, solver="subspace")  # a case the steep spectrum breaks without care
 def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(spectrum, batch, d, prompt, rank, seed, solver):
     lay = Layout(batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed)
     memory, scores, selection = setup(lay, 6, False)
