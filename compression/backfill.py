@@ -14,7 +14,8 @@ back into the kept values, at no extra bytes. For each (item, layer, KV head) wi
 Keys, sink, history and thoughts are never touched. One implementation, configured by :class:`BackfillConfig`:
 the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers at a time, each layer's (item, head)
 problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
-without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz;
+without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz,
+problems with a steep spectrum handed to eigh;
 ``eigh``: a batched eigen-solve of the same Gram matrices), the inject and scale modes, and the published
 ablations (no projection, naive aggregation, no scaling, all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
