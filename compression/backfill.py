@@ -285,6 +285,7 @@ def layer_residual_gram(
     qt: torch.Tensor | None,
     buffer: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    kept_values: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """One layer's problems: the Gram ``G = R^T R`` ``[N, d, d]`` of the residual ``R = Y_D - Y_D Q^T Q`` of the
     evicted rows, ``r = w_hat^T R`` ``[N, d]``, ``||R||_F^2`` and ``||Y_D||_F^2`` ``[N]``.
@@ -295,7 +296,10 @@ def layer_residual_gram(
     Gram. ``R`` is never formed: with
     ``S = Y_D^T Y_D`` and ``P = I - Q^T Q``, ``G = P S P = S - (E + E^T)`` with ``E = (S Q^T - Q^T Q S Q^T / 2) Q``
     (``d x d x k`` products instead of two ``T x d x k`` ones). Where ``||R||`` is below a tenth of ``||Y_D||``
-    that difference of large terms loses digits in float32, so those problems are recomputed from ``R`` itself.
+    that difference of large terms loses digits in float32, so those problems are recomputed from ``R`` itself;
+    given ``kept_values`` (the kept values ``[N, k, d]`` behind ``qt`` and their counts ``[N]``), from a Householder
+    basis of them, since ``qt`` from :func:`kept_basis` is orthonormal only to ~1e-4 of ``||Y_D||``, which is most
+    of a small residual.
     """
     b, h, t, d = v.shape
     m = evict[..., None].to(torch.float32)
@@ -315,10 +319,16 @@ def layer_residual_gram(
     r2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     small = ((r2 < 1e-2 * y2) & (y2 > 0)).nonzero().squeeze(1)
     if small.numel():
-        ys, qs = ym[small], qt[small]
+        ys = ym[small]
+        if kept_values is None:
+            qs = qt[small]
+        else:
+            x_kept, n_kept = kept_values
+            qs = _householder_basis(x_kept[small], n_kept[small])
         res = (ys - (ys @ qs.mT) @ qs) * m.view(b * h, t, 1)[small]
         gram[small] = res.mT @ res
         r2 = r2.index_put((small,), res.square().sum(dim=(-1, -2)))
+        r = r.index_put((small,), (w_hat.reshape(b * h, 1, t)[small].to(torch.float32) @ res)[:, 0])
     return gram, r, r2, y2
 
 
@@ -362,6 +372,7 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
                     None if q is None else q[own],
                     buffer,
                     out=grams[own],
+                    kept_values=(x[rows][own], kept[rows][own]),
                 )[1:]
             )
         gram = grams[: len(layers) * per_layer]

@@ -57,10 +57,10 @@ def well_separated(r, p, ratio=1.5):
     return float(s[p - 1]) / float(s[p]) > ratio
 
 
-def resolvable(r, y, cfg, floor=0.01):
-    """The fast solvers build R from a Cholesky-QR kept basis that is orthonormal to ~1e-4 (else Householder),
-    so their R carries ~1e-4 * ||Y|| of error: C is exact only while ||R|| / ||Y|| is not tiny (documented limit;
-    real caches at budget 32 of 500 sit around 0.3-0.8)."""
+def resolvable(r, y, cfg, floor=2e-3):
+    """Problems whose residual is clear of ``residual_tol`` (1e-3 of ||Y||), where every solver injects: near the
+    threshold one solver may inject and another not. (Small residuals are recomputed from a Householder kept basis,
+    so the fast solvers are exact all the way down; real caches at budget 32 of 500 sit around 0.3-0.8.)"""
     return cfg.solver == "exact" or float(r.norm()) > floor * float(y.norm())
 
 
@@ -232,6 +232,31 @@ def test_subspace_directions_are_exact_on_steep_spectra(p, decay):
     top = q[..., :p].mT.float()
     c = top_directions_subspace(gram, p, BackfillConfig(rank=p))
     assert float(torch.linalg.matrix_norm(c.mT @ c - top.mT @ top).max()) < 1e-3
+
+
+@pytest.mark.parametrize("solver", ["subspace", "eigh"])
+def test_fast_and_exact_agree_on_small_residuals(solver):
+    """Values with a steep spectrum: the kept values span nearly all of them, so residuals are 1e-3..1e-2 of the
+    evicted values, and a kept basis orthonormal to ~1e-4 would be wrong by a few percent of R there."""
+    gen = torch.Generator().manual_seed(0)
+    lay = Layout(batch=2, heads=2, head_dim=32, prompts=(40, 40), left_pad=(0, 0), seed=0)
+    memory, scores, selection = setup(lay, 6, True)
+    sigma = 0.3 ** torch.arange(32, dtype=torch.float32)
+    for v in memory.values:
+        basis = torch.linalg.qr(torch.randn(32, 32, generator=gen)).Q
+        v[:] = (torch.randn(*v.shape[:3], 32, generator=gen) * sigma * 10) @ basis.T
+    exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact"))
+    fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
+    small = 0
+    for li, b, h, x, y, _, _ in problems(memory, selection, scores):
+        r = residual(x, y)
+        ratio = float(r.norm()) / float(y.norm())
+        if not well_separated(r, 2) or ratio < 2e-3:
+            continue
+        small += ratio < 1e-2
+        ref = exact.shift[li, b, h]
+        assert float((fast.shift[li, b, h] - ref).norm()) < 1e-3 * float(ref.norm())
+    assert small > 0
 
 
 def test_kept_basis_is_orthonormal_and_spans_the_kept_values_even_when_rank_deficient():
