@@ -1,0 +1,26 @@
+"""The benchmark scripts still run end to end (their --quick modes, seconds each): a benchmark that only breaks
+when someone needs its numbers is found too late."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["benchmarks.codec", "--quick", "--repeats", "1"], ["raw encode + decode vs memcpy", "hops again"]),
+        (["benchmarks.compression_overhead", "--quick", "--rounds", "1"], ["L-OBF loop (paper)", "relative |delta|"]),
+    ],
+)
+def test_quick_benchmark_runs(args, expect):
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in expect:
+        assert text in done.stdout
