@@ -93,10 +93,14 @@ def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) ->
     k = int(selection.kept.max())
     idx = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :k]
     x = torch.stack([gather_tokens(v, idx[i]) for i, v in enumerate(memory.values)]).float().reshape(-1, k, d)
-    qt = kept_basis(x, selection.kept[None, :, None].expand(L, b, h).reshape(-1)).reshape(L, b * h, k, d)
+    kept = selection.kept[None, :, None].expand(L, b, h).reshape(L, b * h)
+    x = x.reshape(L, b * h, k, d)
+    qt = kept_basis(x.reshape(-1, k, d), kept.reshape(-1)).reshape(L, b * h, k, d)
     lo, hi = _prompt_span(selection.prompt)
     grams = [
-        layer_residual_gram(v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], qt[i])[0]
+        layer_residual_gram(
+            v[:, :, lo:hi], evict[i, :, :, lo:hi], w_hat[i, :, :, lo:hi], qt[i], kept_values=(x[i], kept[i])
+        )[0]
         for i, v in enumerate(memory.values)
     ]
     lam = torch.linalg.eigvalsh(torch.stack(grams).double()).flip(-1).clamp_min(0).sqrt()  # singular values of R
