@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+import types
 
 import msgpack
 import numpy as np
@@ -186,6 +187,28 @@ def test_checksum_tree_over_chunks(monkeypatch, chunk, step):
         bad[at] ^= 0x01
         with pytest.raises(ChecksumError):
             decode(bad)
+
+
+@pytest.mark.parametrize("leaves,runs", [(1, 1), (3, 1), (4, 2), (6, 3), (16, 4)])
+def test_checksum_threads_get_at_least_two_leaves(monkeypatch, leaves, runs):
+    """A payload is hashed in one run per LEAVES_PER_RUN leaves at most (one per CPU, at most four); the caller
+    hashes the first run itself, and the digest does not depend on the split."""
+    submitted = []
+
+    class Pool:
+        def submit(self, fn, lo, hi):
+            submitted.append((lo, hi))
+            fn(lo, hi)
+            return types.SimpleNamespace(result=lambda: None)
+
+    monkeypatch.setattr(wire, "DIGEST_CHUNK", 64)
+    payload = memoryview(bytes(range(256)) * (leaves // 4 + 1))[: leaves * 64]
+    single = wire._digest(b"head", payload)
+    monkeypatch.setattr(wire, "available_cpus", lambda: 8)
+    monkeypatch.setattr(wire, "_hash_pool", Pool)
+    assert wire._digest(b"head", payload) == single
+    assert len(submitted) == runs - 1
+    assert all(hi - lo >= wire.LEAVES_PER_RUN for lo, hi in submitted)
 
 
 def test_message_fields_that_cannot_travel_are_refused_on_encode():
