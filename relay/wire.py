@@ -137,8 +137,8 @@ def _hash_step() -> int:
 def _digest(head: memoryview | bytes, payload: memoryview, write: Callable[[int], None] | None = None) -> bytes:
     """XXH3-128 over the header block and the XXH3-128 of each :data:`DIGEST_CHUNK` chunk of ``payload``. A
     non-cryptographic checksum: it detects corruption, not tampering. A large payload's chunks are hashed in
-    contiguous runs, one per available CPU, the caller taking the first (xxhash releases the GIL), so the checksum
-    never dominates a hop. A payload is split into at most one run per :data:`LEAVES_PER_RUN` leaves: handing a
+    contiguous runs, at most one per available CPU, the caller taking the first (xxhash releases the GIL), so the
+    checksum never dominates a hop. A payload is split into at most one run per :data:`LEAVES_PER_RUN` leaves: handing a
     thread less costs more than it saves (waking it, and, in a hop, sharing a CPU with torch's OpenMP workers, which
     spin for milliseconds after the compression's last op). So a 7.6 MB packet is copied and hashed by the caller
     alone, a 22.6 MB one by two threads.
@@ -146,7 +146,7 @@ def _digest(head: memoryview | bytes, payload: memoryview, write: Callable[[int]
     Each chunk is hashed in steps of :func:`_hash_step` bytes; ``write(j)``, when given, is called just before
     step ``j`` (payload bytes ``[j * step, (j + 1) * step)``) is hashed and must fill them: the encoder copies a
     step's frames into the packet there, so the copy and the checksum read the source once, the checksum reading
-    the copy from cache, and both run on every CPU."""
+    the copy from cache, and both run on the checksum's threads."""
     total, step = len(payload), _hash_step()
     n_leaves = -(-total // DIGEST_CHUNK)
     leaves: list[bytes] = [b""] * n_leaves
