@@ -1,7 +1,8 @@
-"""A wire packet's trip between two Ray actors, as bytes and as the numpy view the Ray runtime sends (issue 4).
+"""A wire packet's trip between two Ray actors, and a whole relay hop between two hosts (issue 4).
 
 ``python -m benchmarks.ray_transport [--repeats N] [--quick]``
 
+1. The trip, as bytes and as the numpy view the Ray runtime sends.
 The Ray runtime (:mod:`relay.runtime.ray_runtime`) moves packets from the host that encoded them to the host that
 decodes them through Ray's object store. A ``bytes`` object travels inside Ray's pickle stream: it is copied into
 the store and copied out again on the receiving side. A numpy array travels out of band: it is copied into the
@@ -18,6 +19,8 @@ import statistics
 import time
 
 from benchmarks.codec import SHAPES, make_cache
+
+HOP_RECIPES = ("h-obf:budget=32,rank=2", "h-obf:budget=32,rank=2+int8")
 
 
 class Sender:
@@ -40,6 +43,103 @@ class Receiver:
 
         message = decode(packet)
         return int(message.memory.num_layers)
+
+
+class HopSender:
+    """A sending host: holds a cache of one :data:`benchmarks.codec.SHAPES` shape; each hop compresses and encodes
+    it and returns the packet as the runtime sends it, with the sender's time stamps."""
+
+    def __init__(self, shape: int):
+        import torch
+
+        from relay.runtime.allocator import retain_freed_memory
+        from relay.threads import available_cpus
+
+        retain_freed_memory()
+        torch.set_num_threads(available_cpus())  # an actor without CPUs reserved starts with one torch thread
+        self.memory, self.observation = make_cache(SHAPES[shape])
+
+    def hop(self, recipe: str):
+        from compression import compress
+        from relay.messages import LatentMessage
+        from relay.runtime.ray_runtime import out_of_band
+        from relay.wire import encode
+
+        start = time.perf_counter()
+        packed, _ = compress(self.memory, self.observation, recipe)
+        compressed = time.perf_counter()
+        packet = encode(LatentMessage("planner", packed, recipe))
+        encoded = time.perf_counter()
+        return out_of_band(packet), (start, compressed, encoded)
+
+
+class HopReceiver:
+    """A receiving host: decodes the packet (and dequantizes a quantized memory), then lets it go."""
+
+    def __init__(self):
+        from relay.runtime.allocator import retain_freed_memory
+
+        retain_freed_memory()
+
+    def take(self, sent) -> tuple[float, ...]:
+        from relay.wire import decode
+
+        arrived = time.perf_counter()
+        packet, stamps = sent
+        message = decode(packet)
+        decoded = time.perf_counter()
+        if message.recipe.endswith(("int8", "int4")):
+            message.unpacked()
+        dequantized = time.perf_counter()
+        del message, packet, sent
+        freed = time.perf_counter()
+        return (*stamps, arrived, decoded, dequantized, freed)
+
+
+def hop_steps(stamps: tuple[float, ...]) -> dict[str, float]:
+    """Seconds per step of one hop from its seven time stamps (see :class:`HopSender`, :class:`HopReceiver`);
+    giving the packet back counts with decode, as in :mod:`benchmarks.codec`."""
+    start, compressed, encoded, arrived, decoded, dequantized, freed = stamps
+    return {
+        "compress": compressed - start,
+        "encode": encoded - compressed,
+        "transport": arrived - encoded,
+        "decode": decoded - arrived + freed - dequantized,
+        "dequantize": dequantized - decoded,
+        "hop": freed - start,
+    }
+
+
+def print_hops(shapes: list[int], repeats: int) -> None:
+    """Time ``repeats`` hops per (shape, recipe) between a sender and a receiver actor and print the table."""
+    import ray
+
+    sender_cls, receiver_cls = ray.remote(num_cpus=0)(HopSender), ray.remote(num_cpus=0)(HopReceiver)
+    print(f"\nrelay hop between two hosts (ms, medians of {repeats} hops; share = (encode + decode) / hop)")
+    print(
+        f"{'hop':<42}{'compress':>9}{'encode':>8}{'transport':>10}{'decode':>8}{'dequant':>8}{'hop':>8}"
+        f"{'share':>7}{'(per hop)':>12}{'in-process share':>18}"
+    )
+    receiver = receiver_cls.remote()
+    for shape in shapes:
+        sender = sender_cls.remote(shape)
+        for recipe in HOP_RECIPES:
+            steps = []
+            for i in range(repeats + 1):  # the first hop is a warm-up
+                stamps = ray.get(receiver.take.remote(sender.hop.remote(recipe)))
+                if i:
+                    steps.append(hop_steps(stamps))
+            shares = [(s["encode"] + s["decode"]) / s["hop"] for s in steps]
+            local = [(s["encode"] + s["decode"]) / (s["hop"] - s["transport"]) for s in steps]
+            ms = {k: statistics.median(s[k] for s in steps) * 1e3 for k in steps[0]}
+            print(
+                f"{SHAPES[shape].name + ' ' + recipe:<42}{ms['compress']:>9.1f}{ms['encode']:>8.2f}"
+                f"{ms['transport']:>10.2f}{ms['decode']:>8.2f}{ms['dequantize']:>8.2f}{ms['hop']:>8.1f}"
+                f"{statistics.median(shares):>7.1%}{f'{min(shares):.1%}-{max(shares):.1%}':>12}"
+                f"{statistics.median(local):>18.1%}"
+            )
+        ray.kill(sender)
+    ray.kill(receiver)
 
 
 def packets(quick: bool) -> list[tuple[str, bytes]]:
@@ -85,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             b_ms, n_ms = (statistics.median(times[f]) * 1e3 for f in ("bytes", "numpy"))
             print(f"{label:<42}{len(packet) / 1e6:>7.1f}{b_ms:>10.1f}{n_ms:>10.1f}{ratio:>15.2f}")
             ray.kill(sender)
+        ray.kill(receiver)
+        print_hops([0] if args.quick else list(range(len(SHAPES))), args.repeats)
     finally:
         ray.shutdown()
 
