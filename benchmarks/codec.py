@@ -9,7 +9,10 @@
    codec and the memory copy are timed in alternation and their ratio is the median of per-repeat ratios.
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
    receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
-   spent in the wire codec (encode + decode): the median of the per-repeat shares, and their range.
+   spent in the wire codec (encode + decode): the median of the per-repeat shares, and their range. As a host
+   sends it, the memory is built inside its packet (:class:`relay.wire.PacketArena`: encode writes only the
+   header and the checksum around it; a quantized memory is still copied); the ``(copied)`` row is the same fp32
+   hop with the memory copied into a new packet, for comparison.
    Decode includes giving the packet's memory back once the message is dropped. ``encode faults`` counts the page
    faults of one encode (median): the packet is a fresh ``bytes`` object whose pages the operating system maps
    in as encode writes them, a cost of the C allocator and the machine (high on a small VM) more than of the
@@ -125,8 +128,9 @@ def _seconds(fn) -> float:
 
 
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
-    """(recipe, compress s, encode s, decode s, dequantize s, packet bytes, per-repeat serialization shares, encode
-    page faults) of one relay hop, or (recipe, error).
+    """(label, compress s, encode s, decode s, dequantize s, packet bytes, per-repeat serialization shares, encode
+    page faults) of one relay hop, or (label, error); the label is the recipe, ``(copied)`` for the fp32 hop
+    without a :class:`relay.wire.PacketArena`.
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
     recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
@@ -136,21 +140,24 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
     from compression import compress
 
     rows: list[tuple] = []
-    for recipe in ("h-obf:budget=32,rank=2", "h-obf:budget=32,rank=2+int8"):
+    fp32 = "h-obf:budget=32,rank=2"
+    cases = ((fp32, fp32, True), (f"{fp32}+int8", f"{fp32}+int8", True), (f"{fp32} (copied)", fp32, False))
+    for label, recipe, in_place in cases:
         try:
             compress(memory, observation, recipe)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the codec
-            rows.append((recipe, f"{type(e).__name__}: {str(e)[:150]}"))
+            rows.append((label, f"{type(e).__name__}: {str(e)[:150]}"))
             continue
         quantized = recipe.endswith(("int8", "int4"))
         steps: list[tuple[float, float, float, float]] = []
         faults: list[int] = []
         for _ in range(repeats + 1):  # the first round is a warm-up
+            arena = wire.PacketArena() if in_place else None
             start = time.perf_counter()
-            packed, _ = compress(memory, observation, recipe)
+            packed, _ = compress(memory, observation, recipe, allocate=arena.allocate if arena else None)
             compressed = time.perf_counter()
             before = _minor_faults()
-            packet = wire.encode(LatentMessage("planner", packed, recipe))
+            packet = wire.encode(LatentMessage("planner", packed, recipe), into=arena)
             encoded = time.perf_counter()
             faults.append(_minor_faults() - before)
             received = wire.decode(packet)
@@ -159,14 +166,14 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
                 received.unpacked()
             dequantized = time.perf_counter()
             size = len(packet)
-            del received, packet  # the packet's memory goes back: a cost of the packet, counted with decode
+            del received, packet, packed, arena  # the packet's memory goes back: counted with decode
             freed = time.perf_counter()
             decode = decoded - encoded + freed - dequantized
             steps.append((compressed - start, encoded - compressed, decode, dequantized - decoded))
         steps = steps[1:]
         shares = [(e + d) / (c + e + d + q) for c, e, d, q in steps]
         comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
-        rows.append((recipe, comp, enc, dec, deq, size, shares, statistics.median(faults[1:])))
+        rows.append((label, comp, enc, dec, deq, size, shares, statistics.median(faults[1:])))
     return rows
 
 
@@ -179,7 +186,7 @@ def print_hops(memory: KVState, observation: Observation, repeats: int, allocato
     """The hop table of one cache (see :func:`hop_rows`), run with ``allocator``."""
     print(f"hop, {allocator}:")
     print(
-        f"{'hop recipe':<30}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
+        f"{'hop recipe':<34}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
         f"{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
     )
     try:
@@ -188,13 +195,13 @@ def print_hops(memory: KVState, observation: Observation, repeats: int, allocato
         hops = [("(any)", f"compression.compress unavailable: {e}")]
     for row in hops:
         if len(row) == 2:
-            print(f"{row[0]:<30}compress failed ({row[1]}); hop share not measured: compare the raw codec")
-            print(f"{'':<30}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
+            print(f"{row[0]:<34}compress failed ({row[1]}); hop share not measured: compare the raw codec")
+            print(f"{'':<34}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
             continue
         recipe, comp, enc, dec, deq, size, shares, faults = row
         spread = f"{min(shares):.1%}-{max(shares):.1%}"
         print(
-            f"{recipe:<30}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
+            f"{recipe:<34}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
             f"{statistics.median(shares):>21.1%}{spread:>14}{faults:>16,.0f}"
         )
 

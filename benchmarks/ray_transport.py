@@ -63,12 +63,13 @@ class HopSender:
         from compression import compress
         from relay.messages import LatentMessage
         from relay.runtime.ray_runtime import out_of_band
-        from relay.wire import encode
+        from relay.wire import PacketArena, encode
 
+        arena = PacketArena()  # as a host sends: the memory is built inside its packet
         start = time.perf_counter()
-        packed, _ = compress(self.memory, self.observation, recipe)
+        packed, _ = compress(self.memory, self.observation, recipe, allocate=arena.allocate)
         compressed = time.perf_counter()
-        packet = encode(LatentMessage("planner", packed, recipe))
+        packet = encode(LatentMessage("planner", packed, recipe), into=arena)
         encoded = time.perf_counter()
         return out_of_band(packet), (start, compressed, encoded)
 

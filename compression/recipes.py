@@ -27,7 +27,7 @@ from compression.selectors import (
     select_headwise,
     select_layerwise,
 )
-from relay.memory import KVState
+from relay.memory import KVState, TensorAllocator
 from relay.observation import Observation
 
 
@@ -47,7 +47,11 @@ class Method(BaseModel):
     #: Options always written in the canonical form (the rest only when they differ from the default).
     always_shown: ClassVar[tuple[str, ...]] = ()
 
-    def apply(self, memory, observation: Observation | None, output_proj) -> tuple[Any, Metrics]:
+    def apply(
+        self, memory, observation: Observation | None, output_proj, allocate: TensorAllocator | None = None
+    ) -> tuple[Any, Metrics]:
+        """The step's memory and metrics. ``allocate`` (only given to a recipe's last step) makes the tensors of
+        the memory it returns, where the step builds a new one (see :func:`compress`)."""
         raise NotImplementedError
 
     @property
@@ -86,19 +90,21 @@ class _Scored(Method):
     def backfill_config(self) -> BackfillConfig | None:
         return None
 
-    def apply(self, memory: KVState, observation: Observation | None, output_proj) -> tuple[KVState, Metrics]:
+    def apply(
+        self, memory: KVState, observation: Observation | None, output_proj, allocate: TensorAllocator | None = None
+    ) -> tuple[KVState, Metrics]:
         if observation is None:
             raise RecipeError(f"recipe step {self.name!r} ranks tokens by the agent's observation, but none was given")
         scores = compute_scores(memory, observation, pool=self.pool, value=self.value, output_proj=output_proj)
         selection = self.select(scores, prompt_mask(memory, current_agent_index(memory, observation)))
-        gathered = gather_selection(memory, selection)
         metrics = _prompt_metrics(selection)
         cfg = self.backfill_config()
         if cfg is None:
-            return gathered.memory, metrics
+            return gather_selection(memory, selection, allocate).memory, metrics
         result = orthogonal_backfill(memory, selection, scores, cfg)
         metrics.update(result.diagnostics())
-        return apply_backfill(gathered, result, inplace=True), metrics
+        # gathered after the solve, so that the new memory is still in cache when it is encoded
+        return apply_backfill(gather_selection(memory, selection, allocate), result, inplace=True), metrics
 
 
 class Headwise(_Scored):
@@ -172,16 +178,20 @@ class GenerationOnly(Method):
 
     name: ClassVar[str] = "gen"
 
-    def apply(self, memory: KVState, observation: Observation | None, output_proj) -> tuple[KVState, Metrics]:
+    def apply(
+        self, memory: KVState, observation: Observation | None, output_proj, allocate: TensorAllocator | None = None
+    ) -> tuple[KVState, Metrics]:
         selection = select_generation_only(prompt_mask(memory, current_agent_index(memory, observation)))
-        return gather_selection(memory, selection).memory, _prompt_metrics(selection)
+        return gather_selection(memory, selection, allocate).memory, _prompt_metrics(selection)
 
 
 class _Quantize(Method):
     kind: ClassVar[Literal["evict", "quant"]] = "quant"
     bits: ClassVar[int] = 8
 
-    def apply(self, memory: KVState, observation: Observation | None, output_proj) -> tuple[Any, Metrics]:
+    def apply(
+        self, memory: KVState, observation: Observation | None, output_proj, allocate: TensorAllocator | None = None
+    ) -> tuple[Any, Metrics]:
         from compression.quant import quantize_memory  # written alongside; imported lazily
 
         return quantize_memory(memory, self.bits), {"bits": self.bits}
@@ -297,8 +307,14 @@ def compress(
     observation: Observation | None,
     recipe: str | Recipe,
     output_proj: Sequence[torch.Tensor] | None = None,
+    *,
+    allocate: TensorAllocator | None = None,
 ) -> tuple[Any, Metrics]:
     """Apply a recipe to a memory (sender side of a relay edge).
+
+    ``allocate`` (optional) makes the tensors of the packed memory where the recipe's last step builds it by
+    eviction: a sender passes :meth:`relay.wire.PacketArena.allocate` so that the memory is built inside the packet
+    that will carry it and encoding does not copy it. The result is the same with or without it.
 
     Returns the packed memory (a :class:`KVState`, or the quantized memory when the recipe quantizes) and per-hop
     metrics: ``bytes_before``, ``bytes_after`` (real packed size), ``seconds``, ``retained_fraction`` (kept prompt
@@ -311,8 +327,9 @@ def compress(
     start = time.perf_counter()
     metrics: Metrics = {"recipe": parsed.canonical, "bytes_before": memory.nbytes, "retained_fraction": 1.0}
     packed: Any = memory
-    for step in parsed.steps:
-        packed, step_metrics = step.apply(packed, observation, output_proj)
+    last = len(parsed.steps) - 1
+    for i, step in enumerate(parsed.steps):
+        packed, step_metrics = step.apply(packed, observation, output_proj, allocate if i == last else None)
         metrics.update(step_metrics)
     if sync:
         torch.cuda.synchronize(memory.device)

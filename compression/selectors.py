@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relay.memory import KVState, Segment
+from relay.memory import KVState, Segment, TensorAllocator
 from relay.observation import Observation
 
 
@@ -147,8 +147,9 @@ def survivor_order(memory: KVState, selection: Selection) -> tuple[torch.Tensor,
     return order[..., :t_out], slot_valid
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, index[b, h, j]]`` for ``x`` ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]``: ``[B, H, J, d]``.
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` for ``x`` ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]``: ``[B, H, J, d]``
+    (written into ``out``, contiguous, when given).
 
     One ``index_select`` of whole ``d``-rows on the flattened tensor (much faster on CPU than an elementwise
     ``torch.gather`` with an index expanded along ``d``).
@@ -157,21 +158,51 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     j = index.shape[-1]
     base = (torch.arange(b * h, device=x.device) * t).view(b, h, 1)
     flat = (index.expand(b, h, j) + base).reshape(-1)
-    return x.reshape(b * h * t, d).index_select(0, flat).view(b, h, j, d)
+    rows = x.reshape(b * h * t, d)
+    if out is None:
+        return rows.index_select(0, flat).view(b, h, j, d)
+    torch.index_select(rows, 0, flat, out=out.view(b * h * j, d))
+    return out
 
 
-def gather_selection(memory: KVState, selection: Selection) -> Gathered:
-    """Physically evict: gather the survivors of every layer and head (one ``torch.gather`` per layer)."""
+def _allocated(
+    allocate: TensorAllocator | None, shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device
+) -> list[torch.Tensor | None]:
+    """``allocate``'s tensors for ``shapes`` (checked), or ``None`` per tensor where there is no allocator or it
+    declined."""
+    made = allocate(shapes, device) if allocate is not None else None
+    if made is None:
+        return [None] * len(shapes)
+    made = list(made)
+    if len(made) != len(shapes) or any(
+        t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous()
+        for t, (shape, dtype) in zip(made, shapes)
+    ):
+        raise ValueError("the tensor allocator returned tensors that do not match the shapes it was asked for")
+    return made
+
+
+def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllocator | None = None) -> Gathered:
+    """Physically evict: gather the survivors of every layer and head (one row gather per layer).
+
+    ``allocate`` (optional) makes the new memory's tensors, e.g. inside the packet that will carry them
+    (:class:`relay.wire.PacketArena`); the result is the same either way."""
     order, slot_valid = survivor_order(memory, selection)
     b, t_out = slot_valid.shape
     h = memory.num_kv_heads
     per_layer = order.shape[0] > 1
+    shared_positions = selection.shared and not memory.per_head_positions
+    position_shape = (b, t_out) if shared_positions else (memory.num_layers, b, h, t_out)
+    shapes = [((b, t_out), torch.int8), ((b, t_out), torch.int16), (position_shape, memory.position.dtype)]
+    for k, v in zip(memory.keys, memory.values):
+        shapes += [((b, h, t_out, k.shape[-1]), k.dtype), ((b, h, t_out, v.shape[-1]), v.dtype)]
+    out = _allocated(allocate, shapes, memory.device)
     keys, values = [], []
     pad = ~slot_valid[:, None, :, None]
     any_pad = bool(pad.any())
     for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
         idx = order[i if per_layer else 0]
-        k_new, v_new = gather_tokens(k, idx), gather_tokens(v, idx)
+        k_new, v_new = gather_tokens(k, idx, out[3 + 2 * i]), gather_tokens(v, idx, out[4 + 2 * i])
         if any_pad:  # padding slots hold zeros
             k_new.masked_fill_(pad, 0)
             v_new.masked_fill_(pad, 0)
@@ -180,19 +211,21 @@ def gather_selection(memory: KVState, selection: Selection) -> Gathered:
     slot_idx = order[0, :, 0]  # segment/owner are the same across layers and heads by construction
     segment = torch.where(slot_valid, memory.segment.gather(1, slot_idx), torch.zeros((), dtype=torch.int8))
     agent = torch.where(slot_valid, memory.agent.gather(1, slot_idx), torch.full((), -1, dtype=torch.int16))
-    if selection.shared and not memory.per_head_positions:
+    if shared_positions:
         position = memory.position.gather(1, slot_idx)
         position = torch.where(slot_valid, position, torch.zeros_like(position))
     else:
         full_idx = order.expand(memory.num_layers, b, h, t_out)
         position = memory.position_full().gather(-1, full_idx)
         position = torch.where(slot_valid[None, :, None, :], position, torch.zeros_like(position))
-    out = KVState(
+    table = [segment.to(torch.int8), agent.to(torch.int16), position]
+    table = [t if o is None else o.copy_(t) for t, o in zip(table, out)]
+    gathered = KVState(
         keys=keys,
         values=values,
-        segment=segment.to(torch.int8),
-        agent=agent.to(torch.int16),
-        position=position,
+        segment=table[0],
+        agent=table[1],
+        position=table[2],
         agents=list(memory.agents),
         fingerprint=memory.fingerprint,
     )
@@ -205,4 +238,4 @@ def gather_selection(memory: KVState, selection: Selection) -> Gathered:
     prompt_slots = start[:, None] + ark[None, :]
     prompt_valid = ark[None, :] < selection.kept[:, None]
     prompt_slots = torch.where(prompt_valid, prompt_slots, torch.zeros_like(prompt_slots))
-    return Gathered(memory=out, prompt_slots=prompt_slots, prompt_slots_valid=prompt_valid)
+    return Gathered(memory=gathered, prompt_slots=prompt_slots, prompt_slots_valid=prompt_valid)

@@ -15,7 +15,7 @@ keeps the same count there, so a slot has one segment and one owner across heads
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
@@ -30,6 +30,13 @@ class Segment(IntEnum):
     PROMPT = 2
     THOUGHT = 3
     TEXT = 4
+
+
+#: Makes the tensors of a memory about to be built, uninitialised, from their ``(shape, dtype)`` in the memory's
+#: tensor order (segment, agent, position, then each layer's keys and values) and the device; or returns ``None``
+#: to leave the allocation to the builder. A sender passes one (:class:`relay.wire.PacketArena`) so that a memory is
+#: built straight inside the packet that will carry it.
+TensorAllocator = Callable[[Sequence[tuple[tuple[int, ...], torch.dtype]], torch.device], Sequence[torch.Tensor] | None]
 
 
 class MemoryError_(ValueError):

@@ -6,11 +6,11 @@ A packet is one contiguous buffer (all integers little-endian)::
     4   format version              u16
     6   flags (bit 0: zstd payload) u16, other bits zero
     8   header length               u32
-    12  reserved                    u32, zero
+    12  header padding              u32, a multiple of 64 (zero unless the packet was built in place)
     16  stored payload length       u64
     24  raw payload length          u64 (after decompression)
     32  header                      msgpack map
-        zero padding to a 64-byte boundary
+        zero padding to a 64-byte boundary, then the header padding's zero bytes
     P   payload                     tensor frames, each at the next 64-byte boundary (or one zstd frame of them)
     end checksum                    16 bytes
 
@@ -21,8 +21,11 @@ of a KIVI-quantized memory, :mod:`compression.quant`) are frames, in a fixed ord
 its key and value frames. The header implies every frame's dtype, shape and offset, so a decoder accepts exactly
 one frame table (compared in one step) and builds each per-layer column of frames as one strided view of the
 payload. Encoding writes each payload byte once, straight into the new packet, checksumming it while it is in
-cache (:func:`_build`). Decoding is zero-copy where the buffer alignment allows: tensors are views of the packet
-(or of the decompressed payload); a misaligned buffer is copied once.
+cache (:func:`_build`). A sender can also build the memory inside the packet in the first place
+(:class:`PacketArena`): then encoding writes only the header and the checksum around frames already in place,
+and the header padding fills the room it reserved for the header. Decoding is zero-copy where the buffer
+alignment allows: tensors are views of the packet (or of the decompressed payload); a misaligned buffer is
+copied once.
 
 The checksum is XXH3-128 over the fixed prefix, the header and the XXH3-128 of each 4 MiB chunk of the payload
 (a hash tree of depth one, so that large payloads are hashed by parallel threads), so a flipped bit anywhere is
@@ -54,7 +57,7 @@ from relay.messages import LatentMessage, TextMessage
 from relay.threads import available_cpus, shared_pool
 
 MAGIC = b"LRLY"
-FORMAT_VERSION = 2  # 2: chunked (tree) checksum
+FORMAT_VERSION = 3  # 2: chunked (tree) checksum; 3: header padding (packets built in place)
 FLAG_ZSTD = 1
 ALIGN = 64
 PREFIX = struct.Struct("<4sHHIIQQ")
@@ -364,12 +367,19 @@ def _frame_table_of(frames: tuple[tuple[str, torch.dtype, torch.Size], ...]) -> 
     return _placed((n, DTYPE_NAMES[dt], shape, math.prod(shape) * dt.itemsize) for n, dt, shape in frames)
 
 
-def _head(header: dict, flags: int, stored_len: int, raw_len: int, limits: WireLimits) -> bytes:
-    """Prefix + msgpack header + zero padding to the payload's 64-byte boundary."""
+def _head(
+    header: dict, flags: int, stored_len: int, raw_len: int, limits: WireLimits, size: int | None = None
+) -> bytes:
+    """Prefix + msgpack header + zero padding to the payload's 64-byte boundary; with ``size`` (a multiple of 64),
+    exactly ``size`` bytes, the rest being header padding, or ``b""`` where the header does not fit in them."""
     head_bytes = msgpack.packb(header, use_bin_type=True)
     _check_declared(len(head_bytes), raw_len, limits)
-    head = PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head_bytes), 0, stored_len, raw_len) + head_bytes
-    return head + bytes(_align(len(head)) - len(head))
+    used = _align(PREFIX.size + len(head_bytes))
+    pad = 0 if size is None else size - used
+    if pad < 0:
+        return b""
+    head = PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head_bytes), pad, stored_len, raw_len) + head_bytes
+    return head + bytes(used + pad - len(head))
 
 
 def encode(
@@ -377,15 +387,25 @@ def encode(
     *,
     zstd_level: int | None = None,
     limits: WireLimits = DEFAULT_LIMITS,
-) -> bytes:
-    """Pack a message into one packet (see the module docstring). ``zstd_level`` compresses the payload
-    (kept raw when compression does not shrink it)."""
+    into: PacketArena | None = None,
+) -> bytes | bytearray:
+    """Pack a message into one packet (see the module docstring): a new ``bytes`` object. ``zstd_level``
+    compresses the payload (kept raw when compression does not shrink it).
+
+    ``into``: the :class:`PacketArena` the message's memory was built in. Where every frame lies in place there,
+    the packet is the arena's ``bytearray``, finished around the frames instead of copied (and the message's
+    tensors see its bytes from then on); otherwise (another memory, a quantized one, zstd, an arena already
+    used) the packet is built as without it."""
     if zstd_level is not None and not (-100 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
         raise ValueError(f"zstd level must be in [-100, {zstandard.MAX_COMPRESSION_LEVEL}], got {zstd_level}")
     header, frames = _message_header(message)
     table, raw_len = _frame_table(frames)
     header["frames"] = table
     header["zstd_level"] = zstd_level
+    if into is not None and zstd_level is None:
+        packet = into.finish(header, frames, table, raw_len, limits)
+        if packet is not None:
+            return packet
     tensors = [_cpu_contiguous(tensor) for _, tensor in frames]  # alive until the packet is built
     if zstd_level is not None and raw_len:
         pieces: list[memoryview] = []
@@ -403,6 +423,86 @@ def encode(
     return _build(head, [t.data_ptr() for t in tensors], extents, raw_len)
 
 
+_new_bytearray = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+    ("PyByteArray_FromStringAndSize", ctypes.pythonapi)
+)
+
+
+class PacketArena:
+    """The buffer of one future packet, for a memory to be built in before it is encoded (zero-copy encode).
+
+    Copying the frames into a new packet is most of what :func:`encode` costs (``benchmarks/codec.py``). A
+    sender instead hands :meth:`allocate` to :func:`compression.compress` (a :data:`relay.memory.TensorAllocator`):
+    the packed memory's tensors are then views of this arena's payload, placed as :func:`encode` places frames,
+    and ``encode(message, into=arena)`` only writes the header, the zero bytes between frames and the checksum
+    around them. The arena reserves the frame table's share of the header plus ``head_room`` bytes; the header's
+    unused part travels as header padding (zero bytes, at most ``head_room`` + 63 per packet). Memories under
+    ``min_bytes`` of frames, or not on the CPU, are left to the caller to allocate: their copy is cheap.
+
+    One arena makes one packet. After it the packet is the memory's storage: the message's tensors see the
+    packet's bytes, so the sender must not change them.
+    """
+
+    def __init__(self, *, head_room: int = 2048, min_bytes: int = 1 << 20):
+        if head_room < 0 or min_bytes < 0:
+            raise ValueError(f"head_room and min_bytes must be >= 0, got {head_room} and {min_bytes}")
+        self.head_room, self.min_bytes = head_room, min_bytes
+        self.buffer: bytearray | None = None
+        self.finished = False
+        self._table: list[list] = []
+        self._head_size = self._payload_at = 0
+
+    def allocate(self, shapes, device) -> list[torch.Tensor] | None:
+        """Views of the payload for a memory's tensors ``[(shape, dtype), ...]`` (segment, agent, position, then
+        each layer's keys and values), or ``None`` where the arena does not take this memory."""
+        if self.buffer is not None:
+            raise RuntimeError("a PacketArena holds one packet: make a new one for the next memory")
+        shapes = list(shapes)
+        if torch.device(device).type != "cpu" or len(shapes) < 3 or len(shapes) % 2 == 0:
+            return None
+        names = ["segment", "agent", "position"] + [f"{kv}{i}" for i in range((len(shapes) - 3) // 2) for kv in "kv"]
+        if any(dtype not in DTYPE_NAMES for _, dtype in shapes):
+            return None
+        table, raw_len = _frame_table_of(tuple((n, dt, torch.Size(shape)) for n, (shape, dt) in zip(names, shapes)))
+        if raw_len < self.min_bytes:
+            return None
+        self._head_size = _align(PREFIX.size + len(msgpack.packb(table, use_bin_type=True)) + self.head_room)
+        self.buffer = _new_bytearray(None, self._head_size + raw_len + DIGEST_SIZE)  # uninitialised
+        self._table = table
+        payload = torch.frombuffer(self.buffer, dtype=torch.uint8)[self._head_size : self._head_size + raw_len]
+        self._payload_at = payload.data_ptr()
+        return [
+            payload[offset : offset + size].view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+            for (shape, dtype), (_, _, _, offset, size) in zip(shapes, table)
+        ]
+
+    def finish(
+        self, header: dict, frames: list[tuple[str, torch.Tensor]], table: list[list], raw_len: int, limits: WireLimits
+    ) -> bytearray | None:
+        """The packet of a message whose frames all lie in place in this arena (header, gaps and checksum written
+        around them), or ``None`` (then :func:`encode` builds the packet by copying)."""
+        if self.buffer is None or self.finished or table != self._table:
+            return None
+        for (_, tensor), (_, _, _, offset, size) in zip(frames, table):
+            at = self._payload_at + offset
+            if size and not (tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.data_ptr() == at):
+                return None
+        with memoryview(self.buffer) as view:
+            head = _head(header, 0, raw_len, raw_len, limits, size=self._head_size)
+            if not head:
+                return None
+            view[: self._head_size] = head
+            end = self._head_size
+            for _, _, _, offset, size in table:  # the zero bytes between frames
+                view[end : self._head_size + offset] = bytes(self._head_size + offset - end)
+                end = self._head_size + offset + size
+            stored = view[self._head_size : self._head_size + raw_len]
+            view[end:] = _digest(view[: self._head_size], stored)
+            stored.release()
+        self.finished = True
+        return self.buffer
+
+
 def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = DEFAULT_LIMITS) -> int:
     """``len(encode(message))`` (raw payload) without building the packet: no copy, no checksum, and no transfer
     of device tensors, for messages that are measured but never sent (a same-host hand-off)."""
@@ -416,13 +516,9 @@ def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = D
 # ------------------------------------------------------------------------------------------------ decode
 def _check_declared(header_len: int, raw_len: int, limits: WireLimits) -> None:
     if header_len > limits.max_header_bytes:
-        raise LimitExceededError(
-            f"header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}"
-        )
+        raise LimitExceededError(f"header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}")
     if raw_len > limits.max_decoded_bytes:
-        raise LimitExceededError(
-            f"payload decodes to {raw_len} bytes, over the limit of {limits.max_decoded_bytes}"
-        )
+        raise LimitExceededError(f"payload decodes to {raw_len} bytes, over the limit of {limits.max_decoded_bytes}")
 
 
 @dataclass
@@ -435,36 +531,33 @@ class _Packet:
     total: int
     stored_len: int
     header_len: int
+    header_pad: int = 0
 
 
 def _open(data: bytes | bytearray | memoryview, limits: WireLimits) -> _Packet:
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as e:
-        raise PacketError(
-            f"a packet must be a contiguous bytes-like object, not {type(data).__name__}"
-        ) from e
+        raise PacketError(f"a packet must be a contiguous bytes-like object, not {type(data).__name__}") from e
     if len(view) < PREFIX.size + DIGEST_SIZE:
         if bytes(view[:4]) != MAGIC[: len(view[:4])]:
             raise HeaderError("not a latent-relay packet (bad magic)")
-        raise TruncatedPacketError(
-            f"packet of {len(view)} bytes is shorter than the minimum {PREFIX.size + 16}"
-        )
-    magic, version, flags, header_len, reserved, stored_len, raw_len = PREFIX.unpack_from(view)
+        raise TruncatedPacketError(f"packet of {len(view)} bytes is shorter than the minimum {PREFIX.size + 16}")
+    magic, version, flags, header_len, header_pad, stored_len, raw_len = PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise HeaderError(f"not a latent-relay packet (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(
-            f"wire format version {version}; this build reads version {FORMAT_VERSION}"
-        )
-    if flags & ~FLAG_ZSTD or reserved:
-        raise HeaderError(f"unknown flags {flags:#x} or non-zero reserved field {reserved:#x}")
+        raise UnsupportedVersionError(f"wire format version {version}; this build reads version {FORMAT_VERSION}")
+    if flags & ~FLAG_ZSTD:
+        raise HeaderError(f"unknown flags {flags:#x}")
+    if header_pad % ALIGN or header_pad > limits.max_header_bytes:
+        raise HeaderError(f"header padding of {header_pad} bytes is not a multiple of {ALIGN} within the header limit")
     _check_declared(header_len, raw_len, limits)
     if not flags & FLAG_ZSTD and stored_len != raw_len:
         raise HeaderError(f"uncompressed payload declares {stored_len} stored but {raw_len} raw bytes")
     if stored_len > limits.max_decoded_bytes:
         raise LimitExceededError(f"stored payload of {stored_len} bytes exceeds {limits.max_decoded_bytes}")
-    payload_off = _align(PREFIX.size + header_len)
+    payload_off = _align(PREFIX.size + header_len) + header_pad
     total = payload_off + stored_len + DIGEST_SIZE
     if len(view) < total:
         raise TruncatedPacketError(f"packet is {len(view)} bytes but its prefix declares {total}")
@@ -477,7 +570,7 @@ def _open(data: bytes | bytearray | memoryview, limits: WireLimits) -> _Packet:
         raise HeaderError("non-zero header padding")
     header = _parse_header(view[PREFIX.size : PREFIX.size + header_len], limits)
     payload = _inflate(stored, raw_len) if flags & FLAG_ZSTD else stored
-    return _Packet(header, payload, flags, total, stored_len, header_len)
+    return _Packet(header, payload, flags, total, stored_len, header_len, header_pad)
 
 
 def _parse_header(raw: memoryview, limits: WireLimits) -> dict:
@@ -829,7 +922,9 @@ def describe(data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAU
         f"latent-relay packet, format v{FORMAT_VERSION}: {_size(packet.total)} ({packet.total:,} bytes)",
         f"  kind       {h['kind']}",
         f"  sender     {h['sender']}",
-        f"  payload    {stored}; header {_size(packet.header_len)}, payload {_size(packet.stored_len)} "
+        f"  payload    {stored}; header {_size(packet.header_len)}"
+        + (f" + {_size(packet.header_pad)} padding (built in place)" if packet.header_pad else "")
+        + f", payload {_size(packet.stored_len)} "
         f"stored / {_size(len(packet.payload))} raw, {len(h.get('frames', []))} frames",
     ]
     if isinstance(message, TextMessage):
@@ -852,8 +947,7 @@ def describe(data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAU
         f"  model      {h['fingerprint'] or '(no fingerprint)'}",
         f"  memory     {form}; dtype {h['dtype']}",
         f"  shape      {h['layers']} layers x {h['kv_heads']} KV heads x head dim {h['head_dim']}; batch "
-        f"{h['batch']}, {h['tokens']} token slots"
-        + (" (per-head positions)" if h["per_head_positions"] else ""),
+        f"{h['batch']}, {h['tokens']} token slots" + (" (per-head positions)" if h["per_head_positions"] else ""),
         f"  tokens     {counts} (over the batch)",
         f"  agents     {', '.join(h['agents']) or '(none)'}",
         f"  recipe     {h['recipe'] or '(full relay)'}",

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from compression import available_methods, compress, parse_recipe
+from relay import wire
 from relay.memory import KVState, Segment
+from relay.messages import LatentMessage
 from relay.observation import Observation
 
 transformers = pytest.importorskip("transformers")
@@ -132,3 +134,28 @@ def test_recipe_contract(tiny, recipe):
         logits = model(input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos).logits
     assert logits.shape == (out.batch_size, new, 64)
     assert bool(torch.isfinite(logits).all())
+
+
+def _tensors(memory) -> list[torch.Tensor]:
+    parts = [memory.segment, memory.agent, memory.position]
+    for q in (*memory.keys, *memory.values):
+        parts += [q.data, q.scale, q.zero] if hasattr(q, "scale") else [q]
+    return parts
+
+
+@pytest.mark.parametrize("recipe", _method_recipes())
+def test_recipe_built_inside_its_packet(tiny, recipe):
+    """With a PacketArena's allocator the packed memory is bit-identical, its packet decodes to it, and where the
+    recipe ends by evicting, the memory was built inside the packet (no copy on encode)."""
+    _, memory, obs, w_o = tiny
+    plain, _ = compress(memory, obs, recipe, output_proj=w_o)
+    arena = wire.PacketArena(min_bytes=0)
+    packed, metrics = compress(memory, obs, recipe, output_proj=w_o, allocate=arena.allocate)
+    for a, b in zip(_tensors(plain), _tensors(packed), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    packet = wire.encode(LatentMessage("planner", packed, recipe, metrics), into=arena)
+    in_place = parse_recipe(recipe).steps[-1].kind == "evict"
+    assert (packet is arena.buffer) == in_place == arena.finished
+    decoded = wire.decode(packet).memory
+    for a, b in zip(_tensors(plain), _tensors(decoded), strict=True):
+        assert torch.equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -146,3 +147,30 @@ def test_observation_agent_absent_evicts_nothing_and_without_observation_uses_la
     out = gather_selection(memory, selection).memory
     assert torch.equal(out.valid.sum(1), memory.valid.sum(1))
     assert selection.retained_fraction == 1.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(layouts(), st.booleans())
+def test_gather_into_allocated_tensors_is_the_same_memory(lay, layerwise):
+    """An allocator (a sender's PacketArena) gets the memory's shapes in tensor order and the new memory is made of
+    its tensors, bit-identical to a gather without it; an allocator that returns other shapes is refused."""
+    memory, obs = build_memory(lay)
+    scores = compute_scores(memory, obs)
+    prompt = prompt_mask(memory, current_agent_index(memory, obs))
+    selection = (select_layerwise if layerwise else select_headwise)(scores, prompt, 3)
+    plain = gather_selection(memory, selection).memory
+    asked, made = [], []
+
+    def allocate(shapes, device):
+        asked.extend(shapes)
+        made.extend(torch.full(shape, 7, dtype=dtype, device=device) for shape, dtype in shapes)
+        return made
+
+    out = gather_selection(memory, selection, allocate).memory
+    tensors = [out.segment, out.agent, out.position, *(t for kv in zip(out.keys, out.values) for t in kv)]
+    assert [(tuple(t.shape), t.dtype) for t in tensors] == [(tuple(s), d) for s, d in asked]
+    assert all(t is m for t, m in zip(tensors, made, strict=True))
+    expected = [plain.segment, plain.agent, plain.position, *(t for kv in zip(plain.keys, plain.values) for t in kv)]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))
+    with pytest.raises(ValueError, match="allocator"):
+        gather_selection(memory, selection, lambda shapes, device: [torch.empty(1) for _ in shapes])

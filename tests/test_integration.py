@@ -51,3 +51,28 @@ def test_compressed_relay_is_smaller_than_full(runtime):
     small = runtime.run(sequential("latent+h:budget=8+int4", 3), task, items, "latent+h:budget=8+int4")[0]
     assert small.relay_bytes * 4 < full.relay_bytes
     assert small.edge_metrics["planner->critic"]["bytes_after"] < small.edge_metrics["planner->critic"]["bytes_before"]
+
+
+def test_a_sender_builds_compressed_packets_in_place(runtime, monkeypatch):
+    """Packets for another host are built in place when the recipe ends by evicting: compression writes the memory
+    into the packet (a PacketArena; its size floor lowered for this small model) and the packet decodes to the
+    message that the step sent."""
+    import functools
+
+    import torch
+
+    from relay import wire
+
+    monkeypatch.setattr(wire, "PacketArena", functools.partial(wire.PacketArena, min_bytes=0))
+    task = get_task("gsm8k")
+    questions = [it.question for it in task.load(2)]
+    for relay, in_place in (("latent+h-obf:budget=16,rank=2", True), ("latent+h:budget=16+int8", False)):
+        graph = sequential(relay, latent_steps=2)
+        out = runtime.executor.run(graph, "planner", questions, [[], []], keep_packets={"planner->critic"})
+        packets, messages = out.packets["planner->critic"], out.outgoing["planner->critic"]
+        assert [isinstance(p, bytearray) for p in packets] == [in_place] * 2
+        assert out.edge_bytes["planner->critic"] == [len(p) for p in packets]
+        for packet, message in zip(packets, messages, strict=True):
+            got, sent = wire.decode(packet).unpacked(), message.unpacked()
+            for a, b in zip((*got.keys, *got.values), (*sent.keys, *sent.values), strict=True):
+                assert torch.equal(a, b)

@@ -29,7 +29,7 @@ from relay.wire import (
     encode,
     encoded_size,
 )
-from tests.fuzz.packets import make_memory, seal, seed_packets, split
+from tests.fuzz.packets import built_in_arena, make_memory, memory_tensors, seal, seed_packets, split
 
 
 def _same_memory(a, b) -> None:
@@ -136,7 +136,8 @@ def test_decode_of_a_misaligned_buffer_copies_and_is_still_exact(dtype):
 
 
 def test_every_single_bit_flip_is_rejected():
-    for packet in seed_packets()[:2]:  # text (144 B) and a tiny latent packet (~700 B)
+    # text (144 B), a tiny latent packet (~700 B) and one built in place (~1.1 KB, with header padding)
+    for packet in (*seed_packets()[:2], seed_packets()[4]):
         buf = bytearray(packet)
         for i in range(len(buf) * 8):
             buf[i // 8] ^= 1 << (i % 8)
@@ -294,8 +295,67 @@ def test_unsupported_version_and_flags():
         decode(seal(header, stored, raw_len, flags, version=wire.FORMAT_VERSION + 1))
     with pytest.raises(HeaderError, match="flags"):
         decode(seal(header, stored, raw_len, flags=4))
-    with pytest.raises(HeaderError, match="flags"):
-        decode(seal(header, stored, raw_len, flags, reserved=1))
+
+
+def test_header_padding_is_bounded_aligned_and_zero():
+    header, stored, raw_len, flags = split(seed_packets()[1])
+    assert decode(seal(header, stored, raw_len, flags, header_pad=128)).sender == "planner"
+    for pad in (1, 100, wire.DEFAULT_LIMITS.max_header_bytes + 64):
+        with pytest.raises(HeaderError, match="header padding"):
+            decode(seal(header, stored, raw_len, flags, header_pad=pad, padding=bytes(pad % 4096)))
+    with pytest.raises(HeaderError, match="non-zero header padding"):
+        decode(seal(header, stored, raw_len, flags, header_pad=64, padding=bytes(63) + b"\x01"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_packet_built_in_place_round_trips(dtype, per_head):
+    """A memory built inside a PacketArena becomes the packet itself: the frames are not copied, the packet
+    decodes to the same memory, and it differs from a copied packet only by the header padding it declares."""
+    memory = make_memory(tokens=9, dim=8, layers=3, dtype=dtype, per_head=per_head)
+    arena, built = built_in_arena(memory, min_bytes=0)
+    message = LatentMessage("planner", built, "h:budget=4", {"seconds": 0.5})
+    packet = encode(message, into=arena)
+    assert isinstance(packet, bytearray) and packet is arena.buffer and arena.finished
+    start = np.frombuffer(packet, dtype=np.uint8).ctypes.data
+    assert all(start <= t.data_ptr() < start + len(packet) for t in memory_tensors(built))
+    out = decode(packet, expect_fingerprint="model-a")
+    _same_memory(memory, out.memory)
+    assert out.metrics == {"seconds": 0.5}
+    copied = encode(message)
+    pad = wire.PREFIX.unpack_from(packet)[4]
+    assert pad % wire.ALIGN == 0 and 0 < pad <= arena.head_room + wire.ALIGN
+    assert len(packet) == len(copied) + pad
+    assert "padding" in describe(packet) and "padding" not in describe(copied)
+
+
+def test_a_packet_arena_falls_back_to_copying_when_it_cannot_finish_in_place():
+    memory = make_memory(tokens=9, dim=8, layers=2)
+    message = LatentMessage("planner", memory, "h:budget=4")
+    arena, built = built_in_arena(memory, min_bytes=0)
+    # a memory that is not in the arena, and zstd: copied as without the arena, which stays unused
+    assert encode(message, into=arena) == encode(message) and not arena.finished
+    in_arena = LatentMessage("planner", built, "h:budget=4")
+    assert encode(in_arena, into=arena, zstd_level=1) == encode(in_arena, zstd_level=1) and not arena.finished
+    first = encode(in_arena, into=arena)
+    assert first is arena.buffer
+    again = encode(in_arena, into=arena)  # an arena makes one packet: the second one is copied
+    assert isinstance(again, bytes) and again == encode(in_arena)
+    _same_memory(memory, decode(again).memory)
+    # a header that outgrows the room the arena kept for it
+    arena, built = built_in_arena(memory, min_bytes=0, head_room=0)
+    long = LatentMessage("x" * 500, built, "h:budget=4")
+    packet = encode(long, into=arena)
+    assert isinstance(packet, bytes) and not arena.finished and decode(packet).sender == "x" * 500
+    # below min_bytes, off the CPU or a dtype that cannot travel, the arena declines; it is filled once
+    shapes = [(tuple(t.shape), t.dtype) for t in memory_tensors(memory)]
+    assert wire.PacketArena(min_bytes=1 << 20).allocate(shapes, torch.device("cpu")) is None
+    assert wire.PacketArena(min_bytes=0).allocate(shapes, torch.device("meta")) is None
+    assert wire.PacketArena(min_bytes=0).allocate([*shapes[:3], ((2, 2), torch.float64)] * 1, "cpu") is None
+    with pytest.raises(RuntimeError, match="one packet"):
+        arena.allocate(shapes, torch.device("cpu"))
+    with pytest.raises(ValueError):
+        wire.PacketArena(head_room=-1)
 
 
 def _forged(edit) -> bytes:

@@ -61,7 +61,7 @@ class NodeExecutor:
 
         Every message is measured by its wire size; only the edges named in ``keep_packets`` (those that cross to
         another process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
-        from relay.wire import encode, encoded_size
+        from relay.wire import PacketArena, encode, encoded_size
 
         start = time.perf_counter()
         node = graph.node(name)
@@ -90,14 +90,16 @@ class NodeExecutor:
             key = edge_key(e.source, e.target)
             messages, sizes, metrics, packets = [], [], [], []
             for b, memory in enumerate(out.memories):
+                # a packet that will be sent is built in place: compression writes the memory into it
+                arena = PacketArena() if e.is_latent and e.recipe and key in keep_packets else None
                 if e.is_latent:
-                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe)
+                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe, arena)
                 else:
                     msg, info = TextMessage(name, [out.texts[b]]), {}
                 messages.append(msg)
                 metrics.append(info)
                 if key in keep_packets:
-                    packets.append(encode(msg))
+                    packets.append(encode(msg, into=arena))
                     sizes.append(len(packets[-1]))
                 else:
                     sizes.append(encoded_size(msg))
@@ -108,11 +110,11 @@ class NodeExecutor:
         return result
 
     @staticmethod
-    def _latent_message(sender, memory, observations, b, recipe):
+    def _latent_message(sender, memory, observations, b, recipe, arena=None):
         if not recipe:
             return LatentMessage(sender, memory), {}
         from compression import compress
 
         observation = observations[b] if observations is not None else None
-        packed, metrics = compress(memory, observation, recipe)
+        packed, metrics = compress(memory, observation, recipe, allocate=arena.allocate if arena else None)
         return LatentMessage(sender, packed, recipe=recipe, metrics=metrics), metrics

@@ -79,7 +79,7 @@ def random_input(rng: random.Random) -> bytes:
             wire.FORMAT_VERSION,
             rng.randrange(2),
             rng.randrange(400),
-            0,
+            rng.choice([0, 0, 64, rng.randrange(400)]),  # header padding
             rng.randrange(400),
             rng.randrange(400),
         )

@@ -48,21 +48,50 @@ def make_memory(
     )
 
 
+def memory_tensors(memory: KVState) -> list[torch.Tensor]:
+    """A memory's tensors in the order a :data:`relay.memory.TensorAllocator` is asked for them."""
+    return [memory.segment, memory.agent, memory.position, *(t for kv in zip(memory.keys, memory.values) for t in kv)]
+
+
+def built_in_arena(memory: KVState, **arena_options) -> tuple[wire.PacketArena, KVState]:
+    """``memory`` rebuilt inside a :class:`relay.wire.PacketArena`, as compression builds it for a sender."""
+    arena = wire.PacketArena(**arena_options)
+    sources = memory_tensors(memory)
+    made = arena.allocate([(tuple(t.shape), t.dtype) for t in sources], torch.device("cpu"))
+    assert made is not None, "the arena declined the memory"
+    for target, source in zip(made, sources, strict=True):
+        target.copy_(source)
+    built = KVState(
+        keys=list(made[3::2]),
+        values=list(made[4::2]),
+        segment=made[0],
+        agent=made[1],
+        position=made[2],
+        agents=list(memory.agents),
+        fingerprint=memory.fingerprint,
+    )
+    return arena, built
+
+
 def seed_packets() -> list[bytes]:
-    """A few small valid packets of every kind (a few hundred bytes each)."""
+    """A few small valid packets of every kind (a few hundred bytes each), one of them built in place (with header
+    padding)."""
     tiny = make_memory(batch=1, heads=1, tokens=3, dim=2, layers=1)
+    small = make_memory(batch=1, heads=1, tokens=4, dim=2, layers=2)
+    arena, in_arena = built_in_arena(small, head_room=512, min_bytes=0)
     return [
         wire.encode(TextMessage("critic", ["x = 3", "ok"])),
         wire.encode(LatentMessage("planner", tiny, "h:budget=2")),
         wire.encode(LatentMessage("planner", make_memory(layers=1, dtype=torch.float16), ""), zstd_level=1),
         wire.encode(LatentMessage("planner", quantize_memory(tiny, 4), "gen+int4")),
+        bytes(wire.encode(LatentMessage("planner", in_arena, "gen"), into=arena)),
     ]
 
 
 def split(packet: bytes) -> tuple[dict, bytes, int, int]:
     """``(header, stored payload, raw length, flags)`` of a valid packet."""
-    _, _, flags, hlen, _, slen, rlen = wire.PREFIX.unpack_from(packet)
-    off = wire._align(wire.PREFIX.size + hlen)
+    _, _, flags, hlen, pad, slen, rlen = wire.PREFIX.unpack_from(packet)
+    off = wire._align(wire.PREFIX.size + hlen) + pad
     header = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + hlen], raw=False)
     return header, packet[off : off + slen], rlen, flags
 
@@ -73,12 +102,15 @@ def seal(
     raw_len: int | None = None,
     flags: int = 0,
     version: int = wire.FORMAT_VERSION,
-    reserved: int = 0,
+    header_pad: int = 0,
+    padding: bytes | None = None,
 ) -> bytes:
-    """A packet with a *valid* checksum around arbitrary header / payload bytes (to reach the parser)."""
+    """A packet with a *valid* checksum around arbitrary header / payload bytes (to reach the parser). The prefix
+    declares ``header_pad`` bytes of header padding; ``padding`` (default: that many zero bytes) follows the
+    header's alignment."""
     head_bytes = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
     raw_len = len(stored) if raw_len is None else raw_len
-    prefix = wire.PREFIX.pack(wire.MAGIC, version, flags, len(head_bytes), reserved, len(stored), raw_len)
+    prefix = wire.PREFIX.pack(wire.MAGIC, version, flags, len(head_bytes), header_pad, len(stored), raw_len)
     head = prefix + head_bytes
-    head += bytes(wire._align(len(head)) - len(head))
+    head += bytes(wire._align(len(head)) - len(head)) + (bytes(header_pad) if padding is None else padding)
     return head + stored + wire._digest(head, memoryview(stored))
