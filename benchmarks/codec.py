@@ -129,7 +129,7 @@ def _seconds(fn) -> float:
 
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
     """(label, compress s, encode s, decode s, dequantize s, packet bytes, per-repeat serialization shares, encode
-    page faults) of one relay hop, or (label, error); the label is the recipe, ``(copied)`` for the fp32 hop
+    page faults, hop s) of one relay hop, or (label, error); the label is the recipe, ``(copied)`` for the fp32 hop
     without a :class:`relay.wire.PacketArena`.
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
@@ -173,7 +173,8 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
         steps = steps[1:]
         shares = [(e + d) / (c + e + d + q) for c, e, d, q in steps]
         comp, enc, dec, deq = (statistics.median(column) for column in zip(*steps))
-        rows.append((label, comp, enc, dec, deq, size, shares, statistics.median(faults[1:])))
+        hop = statistics.median(sum(step) for step in steps)
+        rows.append((label, comp, enc, dec, deq, size, shares, statistics.median(faults[1:]), hop))
     return rows
 
 
@@ -186,8 +187,8 @@ def print_hops(memory: KVState, observation: Observation, repeats: int, allocato
     """The hop table of one cache (see :func:`hop_rows`), run with ``allocator``."""
     print(f"hop, {allocator}:")
     print(
-        f"{'hop recipe':<34}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'packet MB':>10}"
-        f"{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
+        f"{'hop recipe':<34}{'compress s':>11}{'encode s':>10}{'decode s':>10}{'dequant s':>10}{'hop s':>8}"
+        f"{'packet MB':>10}{'serialization share':>21}{'(per repeat)':>14}{'encode faults':>16}"
     )
     try:
         hops = hop_rows(memory, observation, repeats)
@@ -198,10 +199,10 @@ def print_hops(memory: KVState, observation: Observation, repeats: int, allocato
             print(f"{row[0]:<34}compress failed ({row[1]}); hop share not measured: compare the raw codec")
             print(f"{'':<34}row above with 'memcpy tensor.clone' (a cache-sized memory copy) instead")
             continue
-        recipe, comp, enc, dec, deq, size, shares, faults = row
+        recipe, comp, enc, dec, deq, size, shares, faults, hop = row
         spread = f"{min(shares):.1%}-{max(shares):.1%}"
         print(
-            f"{recipe:<34}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{size / 1e6:>10.2f}"
+            f"{recipe:<34}{comp:>11.3f}{enc:>10.4f}{dec:>10.4f}{deq:>10.4f}{hop:>8.3f}{size / 1e6:>10.2f}"
             f"{statistics.median(shares):>21.1%}{spread:>14}{faults:>16,.0f}"
         )
 
