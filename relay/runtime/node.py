@@ -100,9 +100,9 @@ class NodeExecutor:
                 metrics.append(info)
                 if key in keep_packets:
                     packets.append(encode(msg, into=arena))
-                    sizes.append(len(packets[-1]))
-                else:
-                    sizes.append(encoded_size(msg))
+                # a packet built in place also carries header padding; counting without it keeps relay bytes the
+                # same whatever the placement
+                sizes.append(encoded_size(msg))
             result.outgoing[key], result.edge_bytes[key], result.edge_metrics[key] = messages, sizes, metrics
             if key in keep_packets:
                 result.packets[key] = packets
