@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         (["benchmarks.codec", "--quick", "--repeats", "1"], ["raw encode + decode vs memcpy", "hops again"]),
         (["benchmarks.compression_overhead", "--quick", "--rounds", "1"], ["L-OBF loop (paper)", "relative |delta|"]),
+        (["benchmarks.ray_transport", "--quick", "--repeats", "1"], ["numpy / bytes", "relay hop between two hosts"]),
     ],
 )
 def test_quick_benchmark_runs(args, expect):
