@@ -37,7 +37,7 @@ class NodeOutput:
     seconds: float = 0.0
     edge_bytes: dict[str, list[int]] = field(default_factory=dict)
     edge_metrics: dict[str, list[dict]] = field(default_factory=dict)
-    packets: dict[str, list[bytes]] = field(default_factory=dict)  # encoded messages of the edges asked for
+    packets: dict[str, list[bytes | bytearray]] = field(default_factory=dict)  # packets of the edges asked for
 
 
 class NodeExecutor:

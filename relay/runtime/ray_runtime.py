@@ -235,7 +235,7 @@ class ModelHost:
         return len(self.store)
 
 
-def out_of_band(packet: bytes):
+def out_of_band(packet: bytes | bytearray):
     """A packet as a numpy view of its bytes (no copy). Ray keeps numpy arrays out of its pickle stream: the array
     is copied into the object store once and the receiving host gets a read-only view of the store's memory,
     which :func:`relay.wire.decode` reads in place; ``bytes`` would be copied out of the store again
