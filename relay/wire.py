@@ -439,8 +439,9 @@ class PacketArena:
     unused part travels as header padding (zero bytes, at most ``head_room`` + 63 per packet). Memories under
     ``min_bytes`` of frames, or not on the CPU, are left to the caller to allocate: their copy is cheap.
 
-    One arena makes one packet. After it the packet is the memory's storage: the message's tensors see the
-    packet's bytes, so the sender must not change them.
+    The views start uninitialised: the builder writes every element of them (``gather_selection`` does), or the
+    packet would carry stale heap bytes. One arena makes one packet. After it the packet is the memory's storage:
+    the message's tensors see the packet's bytes, so the sender must not change them.
     """
 
     def __init__(self, *, head_room: int = 2048, min_bytes: int = 1 << 20):
