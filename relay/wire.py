@@ -283,6 +283,11 @@ def _plain(value: Any, depth: int = 0) -> Any:
     return None
 
 
+def _kv_names(layers: int) -> list[str]:
+    """The per-layer frame names in payload order: ``k0, v0, k1, v1, ...``."""
+    return [f"{kv}{i}" for i in range(layers) for kv in "kv"]
+
+
 def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     """Header fields and named frames of a KVState or QuantizedMemory."""
     quantized = not isinstance(memory, KVState)
@@ -309,10 +314,10 @@ def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     if fields["dtype"] not in FLOAT_NAMES:
         raise ValueError(f"cannot encode a memory of dtype {memory.dtype}")
     frames = list(table)
+    per_layer = [t for kv in zip(memory.keys, memory.values) for t in kv]
+    names = _kv_names(len(memory.keys))
     if not quantized:
-        for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
-            frames += [(f"k{i}", k), (f"v{i}", v)]
-        return fields, frames
+        return fields, frames + list(zip(names, per_layer))
     layouts = {(q.bits, q.group_size) for q in memory.keys}, {(q.bits, q.group_size) for q in memory.values}
     if len(layouts[0]) > 1 or len(layouts[1]) > 1 or {b for b, _ in layouts[0]} != {b for b, _ in layouts[1]}:
         raise ValueError("a quantized memory must use one bit width and one group size per tensor kind")
@@ -322,9 +327,8 @@ def _memory_frames(memory: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
             "key_group": memory.keys[0].group_size,
             "value_group": memory.values[0].group_size,
         }
-    for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
-        for name, q in ((f"k{i}", k), (f"v{i}", v)):
-            frames += [(f"{name}.data", q.data), (f"{name}.scale", q.scale), (f"{name}.zero", q.zero)]
+    for name, q in zip(names, per_layer):
+        frames += [(f"{name}.data", q.data), (f"{name}.scale", q.scale), (f"{name}.zero", q.zero)]
     return fields, frames
 
 
@@ -431,7 +435,7 @@ _new_bytearray = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_s
 class PacketArena:
     """The buffer of one future packet, for a memory to be built in before it is encoded (zero-copy encode).
 
-    Copying the frames into a new packet is most of what :func:`encode` costs (``benchmarks/codec.py``). A
+    Copying the frames into a new packet is about half of what :func:`encode` costs (``benchmarks/codec.py``). A
     sender instead hands :meth:`allocate` to :func:`compression.compress` (a :data:`relay.memory.TensorAllocator`):
     the packed memory's tensors are then views of this arena's payload, placed as :func:`encode` places frames,
     and ``encode(message, into=arena)`` only writes the header, the zero bytes between frames and the checksum
@@ -461,7 +465,7 @@ class PacketArena:
         shapes = list(shapes)
         if torch.device(device).type != "cpu" or len(shapes) < 3 or len(shapes) % 2 == 0:
             return None
-        names = ["segment", "agent", "position"] + [f"{kv}{i}" for i in range((len(shapes) - 3) // 2) for kv in "kv"]
+        names = ["segment", "agent", "position", *_kv_names((len(shapes) - 3) // 2)]
         if any(dtype not in DTYPE_NAMES for _, dtype in shapes):
             return None
         table, raw_len = _frame_table_of(tuple((n, dt, torch.Size(shape)) for n, (shape, dt) in zip(names, shapes)))

@@ -18,6 +18,7 @@ from compression.selectors import (
 )
 from relay.memory import KVState, Segment
 from tests.compression_fixtures import Layout, build_memory, layouts
+from tests.fuzz.packets import memory_tensors
 
 
 def reference_kept(memory: KVState, scores: torch.Tensor, budget: int, layerwise: bool):
@@ -167,10 +168,9 @@ def test_gather_into_allocated_tensors_is_the_same_memory(lay, layerwise):
         return made
 
     out = gather_selection(memory, selection, allocate).memory
-    tensors = [out.segment, out.agent, out.position, *(t for kv in zip(out.keys, out.values) for t in kv)]
+    tensors = memory_tensors(out)
     assert [(tuple(t.shape), t.dtype) for t in tensors] == [(tuple(s), d) for s, d in asked]
     assert all(t is m for t, m in zip(tensors, made, strict=True))
-    expected = [plain.segment, plain.agent, plain.position, *(t for kv in zip(plain.keys, plain.values) for t in kv)]
-    assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(tensors, memory_tensors(plain), strict=True))
     with pytest.raises(ValueError, match="allocator"):
         gather_selection(memory, selection, lambda shapes, device: [torch.empty(1) for _ in shapes])
