@@ -7,6 +7,7 @@ of the injected delta of each fast solver to exact, by the spectral gap sigma_p 
 
     python -m benchmarks.compression_overhead            # 36 layers, 8 KV heads, d=128, batch 4, 500-token prompts
     python -m benchmarks.compression_overhead --quick    # small shapes, seconds
+    python -m benchmarks.compression_overhead --device cuda   # the same comparison on a GPU
 
 Values get a smoothly decaying spectrum (like real value caches). Consecutive singular values of the residuals
 stay close (no problem reaches a gap of 1.5 here), the hard case for iterative solvers; where sigma_p and
@@ -107,10 +108,14 @@ def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) ->
     return (lam[..., rank - 1] / lam[..., rank].clamp_min(1e-30)).view(L, b, h)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """Seconds of one call of ``fn`` and its result (medians are taken over rounds by the caller)."""
+def timed(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` and its result (medians are taken over rounds by the caller); on a GPU the
+    clock stops when the device has finished the work."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda _: None)
+    sync(device)
     start = time.perf_counter()
     out = fn()
+    sync(device)
     return time.perf_counter() - start, out
 
 
@@ -128,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=32)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--device", default="cpu", help="where the cache lives and every method runs (cpu | cuda)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
     if args.quick:
         args.layers, args.batch, args.prompt, args.history, args.thoughts = 4, 2, 120, 40, 10
     if args.threads:
@@ -143,12 +152,15 @@ def main(argv: list[str] | None = None) -> None:
         args.history,
         getattr(torch, args.dtype),
     )
+    memory = memory.to(device)
+    obs = Observation(obs.attention.to(device), obs.agent, obs.group_size)
     n_problems = args.layers * args.batch * args.heads
     print(
         f"cache: {args.layers} layers x {args.heads} KV heads x d={args.head_dim}, batch {args.batch}, "
         f"{memory.num_tokens} slots ({args.prompt}-token prompts, {args.thoughts} thoughts, {args.history} "
         f"history), {args.dtype}, {memory.nbytes / 2**20:.0f} MiB; budget {args.budget}; {n_problems} OBF "
-        f"problems per hop; torch threads {torch.get_num_threads()}"
+        f"problems per hop; "
+        + (f"torch threads {torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device))
     )
 
     b = args.budget
@@ -179,48 +191,56 @@ def main(argv: list[str] | None = None) -> None:
 
     shifts: dict[str, object] = {}
     print("timing L-OBF exact (one run) ...", flush=True)
-    exact_hop, _ = timed(hop_fn("L-OBF exact"))
-    exact_s, shifts["L-OBF exact"] = timed(solve_fn("L-OBF exact"))
+    exact_hop, _ = timed(hop_fn("L-OBF exact"), device)
+    exact_s, shifts["L-OBF exact"] = timed(solve_fn("L-OBF exact"), device)
     hops: dict[str, list[float]] = {name: [] for name in methods if name != "L-OBF exact"}
     solves: dict[str, list[float]] = {name: [] for name in hops if methods[name][2] is not None}
     loop_times: list[float] = []
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}: the per-head loop (paper), then every method ...", flush=True)
-        t, loop_shift = timed(loop_fn)
+        t, loop_shift = timed(loop_fn, device)
         loop_times.append(t)
         for name in hops:
-            hops[name].append(timed(hop_fn(name))[0])
+            hops[name].append(timed(hop_fn(name), device)[0])
             if name in solves:
-                t, shifts[name] = timed(solve_fn(name))
+                t, shifts[name] = timed(solve_fn(name), device)
                 solves[name].append(t)
     loop_hops = [lh + lp for lh, lp in zip(hops["L"], loop_times, strict=True)]  # the L hop, backfilled by the loop
 
-    def ratio(times: list[float], base: list[float]) -> float:
-        return statistics.median(b / t for b, t in zip(base, times, strict=True))
+    def per_round(times: list[float], base: list[float]) -> list[float]:
+        return [b / t for b, t in zip(base, times, strict=True)]
 
-    table = {
+    # name -> (hop s, hop x, solve s, solve x, (lowest, highest) per-round solve x)
+    table: dict[str, tuple] = {
         "L-OBF exact": (
             exact_hop,
             statistics.median(loop_hops) / exact_hop,
             exact_s,
             statistics.median(loop_times) / exact_s,
+            None,
         )
     }
     for name, ts in hops.items():
         s = solves.get(name)
+        solve_x = per_round(s, loop_times) if s else None
         table[name] = (
             statistics.median(ts),
-            ratio(ts, loop_hops),
+            statistics.median(per_round(ts, loop_hops)),
             statistics.median(s) if s else None,
-            ratio(s, loop_times) if s else None,
+            statistics.median(solve_x) if s else None,
+            (min(solve_x), max(solve_x)) if s else None,
         )
-    table["L-OBF loop (paper)"] = (statistics.median(loop_hops), 1.0, statistics.median(loop_times), 1.0)
+    table["L-OBF loop (paper)"] = (statistics.median(loop_hops), 1.0, statistics.median(loop_times), 1.0, None)
     print()
-    print(f"{'method':<20} {'hop s':>9} {'x vs loop':>10} {'OBF solve s':>12} {'solve x vs loop':>16}")
+    print(
+        f"{'method':<20} {'hop s':>9} {'x vs loop':>10} {'OBF solve s':>12} {'solve x vs loop':>16} "
+        f"{'per-round solve x':>18}"
+    )
     for name in (*methods, "L-OBF loop (paper)"):
-        hop, hop_x, solve, solve_x = table[name]
+        hop, hop_x, solve, solve_x, spread = table[name]
         solve_cols = f"{solve:>12.3f} {solve_x:>16.1f}" if solve is not None else f"{'-':>12} {'-':>16}"
-        print(f"{name:<20} {hop:>9.3f} {hop_x:>10.1f} {solve_cols}")
+        spread_col = f"{spread[0]:.1f}-{spread[1]:.1f}" if spread else "-"
+        print(f"{name:<20} {hop:>9.3f} {hop_x:>10.1f} {solve_cols} {spread_col:>18}")
     print(
         f"(medians of {args.rounds} rounds; each ratio the median of per-round ratios to the loop; loop solve per "
         f"round: {', '.join(f'{t:.2f}' for t in loop_times)} s)"

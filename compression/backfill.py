@@ -488,7 +488,7 @@ def backfill_reference_loop(
     Slow on purpose; the plain-torch reference the batched solvers are tested and benchmarked against.
     """
     L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
-    shift = torch.zeros(L, b, h, d)
+    shift = torch.zeros(L, b, h, d, device=memory.device)
     keep_all = selection.keep.expand(L, b, h, memory.num_tokens)
     for bi in range(b):
         prompt = selection.prompt[bi]

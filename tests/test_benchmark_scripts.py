@@ -25,3 +25,14 @@ def test_quick_benchmark_runs(args, expect):
     assert done.returncode == 0, done.stderr[-2000:]
     for text in expect:
         assert text in done.stdout
+
+
+def test_compression_overhead_asks_for_a_gpu_it_cannot_see():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device; the GPU run is a device check, not a unit test")
+    args = ["benchmarks.compression_overhead", "--quick", "--device", "cuda"]
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert "torch sees no CUDA device" in done.stderr
