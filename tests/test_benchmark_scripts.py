@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +29,6 @@ def test_quick_benchmark_runs(args, expect):
 
 
 def test_compression_overhead_asks_for_a_gpu_it_cannot_see():
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device; the GPU run is a device check, not a unit test")
     args = ["benchmarks.compression_overhead", "--quick", "--device", "cuda"]
