@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from compression.selectors import Gathered, Selection, gather_tokens
+from kernels.gram import evicted_gram
 from relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
@@ -302,13 +303,7 @@ def layer_residual_gram(
     of a small residual.
     """
     b, h, t, d = v.shape
-    m = evict[..., None].to(torch.float32)
-    if buffer is None:
-        buffer = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-    ym = buffer.copy_(v).mul_(m)  # Y_D (float32), zero off the evicted rows
-    ym = ym.view(b * h, t, d)
-    gram = torch.matmul(ym.mT, ym, out=out)  # S
-    u = (w_hat.reshape(b * h, 1, t).to(torch.float32) @ ym)[:, 0]  # w_hat^T Y_D
+    gram, u = evicted_gram(v, evict, w_hat, buffer=buffer, out=out)  # S, w_hat^T Y_D
     y2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     if qt is None:
         return gram, u, y2, y2
@@ -319,13 +314,14 @@ def layer_residual_gram(
     r2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     small = ((r2 < 1e-2 * y2) & (y2 > 0)).nonzero().squeeze(1)
     if small.numel():
-        ys = ym[small]
+        m = evict.reshape(b * h, t, 1)[small]
+        ys = v.reshape(b * h, t, d)[small].float() * m
         if kept_values is None:
             qs = qt[small]
         else:
             x_kept, n_kept = kept_values
             qs = _householder_basis(x_kept[small], n_kept[small])
-        res = (ys - (ys @ qs.mT) @ qs) * m.view(b * h, t, 1)[small]
+        res = (ys - (ys @ qs.mT) @ qs) * m
         gram[small] = res.mT @ res
         r2 = r2.index_put((small,), res.square().sum(dim=(-1, -2)))
         r = r.index_put((small,), (w_hat.reshape(b * h, 1, t)[small].to(torch.float32) @ res)[:, 0])

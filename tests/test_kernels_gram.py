@@ -1,0 +1,124 @@
+"""kernels/gram.py and kernels/native.py: the compiled evicted-Gram kernel against its plain-torch twin."""
+
+from __future__ import annotations
+
+import platform
+import warnings
+
+import pytest
+import torch
+
+from kernels import native
+from kernels.gram import evicted_gram, evicted_gram_ref
+
+needs_native = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= native._cpu_flags(),
+    reason="the compiled CPU kernels are x86-64 with AVX2/FMA/F16C only",
+)
+
+
+def _problem(b, h, t_total, span, d, dtype, seed=0, p_evict=0.8):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(b, h, t_total, d, generator=gen).to(dtype)
+    v = values[:, :, span[0] : span[1]]  # a strided view, as the backfill passes the prompt span
+    t = v.shape[2]
+    evict = torch.rand(b, h, t, generator=gen) < p_evict
+    w = torch.rand(b, h, t, generator=gen) * evict
+    return v, evict, w
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("b", "h", "d", "span"), [(2, 3, 128, (5, 200)), (1, 1, 16, (0, 7)), (3, 2, 64, (9, 70))])
+def test_native_matches_the_torch_reference(dtype, b, h, d, span):
+    v, evict, w = _problem(b, h, span[1] + 4, span, d, dtype)
+    evict[-1, -1] = True  # every row evicted
+    empty = b * h > 1
+    if empty:
+        evict[0, 0] = False  # nothing evicted: S = 0, u = 0
+    w = w * evict
+    s, u = evicted_gram(v, evict, w, backend="native")
+    s_ref, u_ref = evicted_gram_ref(v, evict, w)
+    scale = float(s_ref.abs().max())
+    assert float((s - s_ref).abs().max()) <= 1e-5 * scale
+    assert float((u - u_ref).abs().max()) <= 1e-5 * max(1.0, float(u_ref.abs().max()))
+    assert torch.equal(s, s.mT)  # mirrored exactly
+    assert not empty or (not bool(s[0].any()) and not bool(u[0].any()))
+
+
+@needs_native
+def test_native_result_does_not_depend_on_the_thread_count():
+    v, evict, w = _problem(4, 8, 300, (10, 290), 128, torch.bfloat16, seed=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = evicted_gram(v, evict, w, backend="native")
+        torch.set_num_threads(2)
+        two = evicted_gram(v, evict, w, backend="native")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_native
+def test_native_writes_into_out():
+    v, evict, w = _problem(2, 2, 50, (0, 50), 32, torch.float32)
+    out = torch.full((4, 32, 32), float("nan"))
+    s, _ = evicted_gram(v, evict, w, backend="native", out=out)
+    assert s.data_ptr() == out.data_ptr() and torch.allclose(out, evicted_gram_ref(v, evict, w)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        evicted_gram(v, evict, w, backend="native", out=torch.empty(4, 32, 31))
+
+
+def test_native_refuses_what_it_cannot_run_and_auto_falls_back():
+    v, evict, w = _problem(2, 2, 20, (0, 20), 24, torch.float32)  # d = 24: not a multiple of 16
+    with pytest.raises(native.NativeKernelUnavailable):
+        evicted_gram(v, evict, w, backend="native")
+    s, u = evicted_gram(v, evict, w)
+    s_ref, u_ref = evicted_gram_ref(v, evict, w)
+    assert torch.equal(s, s_ref) and torch.equal(u, u_ref)
+
+
+def test_torch_backend_and_environment_force_the_reference(monkeypatch):
+    v, evict, w = _problem(2, 2, 40, (0, 40), 32, torch.float32)
+
+    def no_library(name):
+        raise AssertionError("the compiled kernel must not be loaded")
+
+    monkeypatch.setattr(native, "load", no_library)
+    s_ref, u_ref = evicted_gram_ref(v, evict, w)
+    assert torch.equal(evicted_gram(v, evict, w, backend="torch")[0], s_ref)
+    monkeypatch.setenv("RELAY_KERNELS", "torch")
+    assert torch.equal(evicted_gram(v, evict, w)[1], u_ref)
+
+
+def test_bad_arguments_give_clear_errors():
+    v, evict, w = _problem(2, 2, 40, (0, 40), 32, torch.float32)
+    with pytest.raises(ValueError, match="must both be"):
+        evicted_gram(v, evict[:, :, :-1], w)
+    with pytest.raises(ValueError, match="kernel backend"):
+        evicted_gram(v, evict, w, backend="cuda")
+
+
+def test_a_missing_compiler_warns_once_and_leaves_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("RELAY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    native.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.load("cpu_gram") is None
+        assert len(caught) == 1 and "using torch" in str(caught[0].message)
+        v, evict, w = _problem(1, 2, 30, (0, 30), 32, torch.float32)
+        assert torch.equal(evicted_gram(v, evict, w)[0], evicted_gram_ref(v, evict, w)[0])
+    finally:
+        native.load.cache_clear()
+
+
+@needs_native
+def test_the_build_is_cached_and_keyed(monkeypatch, tmp_path):
+    monkeypatch.setenv("RELAY_CACHE_DIR", str(tmp_path))
+    first = native.build("cpu_gram")
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert native.build("cpu_gram") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
