@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from compression.selectors import Gathered, Selection, gather_tokens
-from kernels.gram import evicted_gram
+from kernels.obf import evicted_gram, top_directions_native
 from relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
@@ -220,15 +220,28 @@ def _start_block(d: int, width: int, seed: int, device, dtype) -> torch.Tensor:
 STEEP_SPECTRUM = 1e-2
 
 
-def top_directions_subspace(gram: torch.Tensor, p: int, cfg: BackfillConfig) -> torch.Tensor:
+def top_directions_subspace(
+    gram: torch.Tensor, p: int, cfg: BackfillConfig, backend: str | None = None
+) -> torch.Tensor:
     """Top-``p`` eigenvectors of symmetric PSD ``gram`` ``[N, d, d]`` as rows ``[N, p, d]``.
 
     Orthogonal (subspace) iteration of width ``p + oversample`` from a fixed seeded start block, re-orthonormalised
     every ``orth_every`` steps, then Rayleigh-Ritz (METHODS.md §3 fast path), all problems in one batch. With the
-    default ``orth_every=2`` the two products between re-orthonormalisations are one product with ``G^2``.
+    default ``orth_every=2`` the two products between re-orthonormalisations are one product with ``G^2``; that
+    case runs in the compiled CPU kernel (:func:`kernels.obf.top_directions_native`) where it applies, this torch
+    code being its twin (``backend="torch"`` or ``RELAY_KERNELS=torch`` forces it).
     """
     n, d, _ = gram.shape
     width = min(d, p + cfg.oversample)
+    if cfg.orth_every == 2 and cfg.iterations % 2 == 0 and cfg.iterations >= 2:
+        start = _start_block(d, width, cfg.seed, "cpu", torch.float32).mT
+        native = top_directions_native(gram, p, start, cfg.iterations // 2, STEEP_SPECTRUM, backend=backend)
+        if native is not None:
+            c, steep = native
+            steep = steep.nonzero().squeeze(1)
+            if steep.numel():
+                c[steep] = top_directions_eigh(gram[steep], p)
+            return c.to(gram.device)
     # Iterates are kept transposed (zt = Z^T, row-major), so Z = zt.mT is column-major, the layout LAPACK's QR
     # wants (no copies); G is symmetric, so (G Z)^T = Z^T G.
     zt = _start_block(d, width, cfg.seed, gram.device, gram.dtype).mT.expand(n, width, d)

@@ -30,6 +30,7 @@ import torch  # noqa: F401  (loaded first: the kernels share its OpenMP runtime)
 
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+LIBS = ("-lm",)
 NEEDED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -78,14 +79,14 @@ def build(name: str) -> Path:
     source = SOURCE_DIR / f"{name}.c"
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS + LIBS), version]).encode()).hexdigest()[:16]
     target = build_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(source), "-o", str(partial)], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, str(source), "-o", str(partial), *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeKernelUnavailable(f"building {source.name} failed:\n{done.stderr.strip()}")
         os.replace(partial, target)  # atomic: a concurrent build of the same key writes the same file

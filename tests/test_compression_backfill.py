@@ -3,6 +3,9 @@ per-(item, layer, head) reference loop."""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -22,6 +25,23 @@ from compression.scores import compute_scores
 from compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
 from relay.memory import Segment
 from tests.compression_fixtures import Layout, build_memory, layouts
+
+#: the fast solver's steps run in the compiled CPU kernels where they apply ("auto") or in their torch twins
+KERNELS = pytest.mark.parametrize("kernels", ["auto", "torch"])
+
+
+@contextmanager
+def kernel_backend(value: str):
+    """``RELAY_KERNELS`` set for the block (hypothesis tests cannot take the ``monkeypatch`` fixture)."""
+    before = os.environ.get("RELAY_KERNELS")
+    os.environ["RELAY_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RELAY_KERNELS", None)
+        else:
+            os.environ["RELAY_KERNELS"] = before
 
 
 def setup(lay: Layout, budget: int, layerwise: bool):
@@ -75,11 +95,13 @@ configs = st.builds(
 )
 
 
+@KERNELS
 @settings(max_examples=20, deadline=None)
 @given(layouts(max_prompt=14), st.integers(1, 6), st.booleans(), configs)
-def test_every_solver_matches_the_reference_loop(lay, budget, layerwise, cfg):
+def test_every_solver_matches_the_reference_loop(kernels, lay, budget, layerwise, cfg):
     memory, scores, selection = setup(lay, budget, layerwise)
-    got = orthogonal_backfill(memory, selection, scores, cfg)
+    with kernel_backend(kernels):
+        got = orthogonal_backfill(memory, selection, scores, cfg)
     want = backfill_reference_loop(memory, selection, scores, cfg)
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
         if y.shape[0] == 0:
@@ -181,6 +203,7 @@ def test_nothing_is_injected_when_the_kept_span_explains_the_evicted_values():
 SPECTRA = {"moderate": [12.0, 9.0, 7.0, 5.5], "steep": [1000.0, 100.0, 20.0, 8.0]}
 
 
+@KERNELS
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @settings(max_examples=6, deadline=None)
 @given(
@@ -192,7 +215,7 @@ SPECTRA = {"moderate": [12.0, 9.0, 7.0, 5.5], "steep": [1000.0, 100.0, 20.0, 8.0
     st.sampled_from(["subspace", "eigh"]),
 )
 @example(batch=1, d=32, prompt=30, rank=4, seed=0, solver="subspace")  # a case the steep spectrum breaks without care
-def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(spectrum, batch, d, prompt, rank, seed, solver):
+def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(kernels, spectrum, batch, d, prompt, rank, seed, solver):
     lay = Layout(batch=batch, heads=2, head_dim=d, prompts=(prompt,) * batch, left_pad=(0,) * batch, seed=seed)
     memory, scores, selection = setup(lay, 6, False)
     # plant a residual with a spectral gap: kept values live in the first half of the channels, evicted values
@@ -207,7 +230,8 @@ def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(spectrum, batch, d, p
         v[..., d // 2 :] = torch.where(evicted, v[..., d // 2 :] + spikes, v[..., d // 2 :])
         v[..., d // 2 :] = torch.where(keep[li][..., None], 0.0, v[..., d // 2 :])
     exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver="exact"))
-    fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver=solver))
+    with kernel_backend(kernels):
+        fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver=solver))
     checked = 0
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
         r = residual(x, y)
@@ -220,8 +244,9 @@ def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(spectrum, batch, d, p
     assert checked > 0
 
 
+@KERNELS
 @pytest.mark.parametrize("p,decay", [(4, 0.5), (4, 0.1), (4, 0.05), (2, 0.05), (2, 0.005)])
-def test_subspace_directions_are_exact_on_steep_spectra(p, decay):
+def test_subspace_directions_are_exact_on_steep_spectra(kernels, p, decay):
     """Residual Grams whose eigenvalues fall by ``decay`` per index (a wide gap at p, but the p-th eigenvalue far
     below the first): the subspace solver still returns the top-p eigenvectors."""
     gen = torch.Generator().manual_seed(0)
@@ -230,12 +255,13 @@ def test_subspace_directions_are_exact_on_steep_spectra(p, decay):
     q = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64)).Q
     gram = ((q * lam) @ q.mT).float()
     top = q[..., :p].mT.float()
-    c = top_directions_subspace(gram, p, BackfillConfig(rank=p))
+    c = top_directions_subspace(gram, p, BackfillConfig(rank=p), backend=kernels)
     assert float(torch.linalg.matrix_norm(c.mT @ c - top.mT @ top).max()) < 1e-3
 
 
+@KERNELS
 @pytest.mark.parametrize("solver", ["subspace", "eigh"])
-def test_fast_and_exact_agree_on_small_residuals(solver):
+def test_fast_and_exact_agree_on_small_residuals(kernels, solver):
     """Values with a steep spectrum: the kept values span nearly all of them, so residuals are 1e-3..1e-2 of the
     evicted values, and a kept basis orthonormal to ~1e-4 would be wrong by a few percent of R there."""
     gen = torch.Generator().manual_seed(0)
@@ -246,7 +272,8 @@ def test_fast_and_exact_agree_on_small_residuals(solver):
         basis = torch.linalg.qr(torch.randn(32, 32, generator=gen)).Q
         v[:] = (torch.randn(*v.shape[:3], 32, generator=gen) * sigma * 10) @ basis.T
     exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact"))
-    fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
+    with kernel_backend(kernels):
+        fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
     small = 0
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
         r = residual(x, y)

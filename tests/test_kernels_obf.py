@@ -1,4 +1,4 @@
-"""kernels/gram.py and kernels/native.py: the compiled evicted-Gram kernel against its plain-torch twin."""
+"""kernels/obf.py and kernels/native.py: the compiled OBF kernels against their plain-torch twins."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.gram import evicted_gram, evicted_gram_ref
+from kernels.obf import evicted_gram, evicted_gram_ref, top_directions_native
 
 needs_native = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= native._cpu_flags(),
@@ -107,7 +107,7 @@ def test_a_missing_compiler_warns_once_and_leaves_the_torch_path(monkeypatch, tm
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert native.load("cpu_gram") is None
+            assert native.load("cpu_obf") is None
         assert len(caught) == 1 and "using torch" in str(caught[0].message)
         v, evict, w = _problem(1, 2, 30, (0, 30), 32, torch.float32)
         assert torch.equal(evicted_gram(v, evict, w)[0], evicted_gram_ref(v, evict, w)[0])
@@ -118,7 +118,72 @@ def test_a_missing_compiler_warns_once_and_leaves_the_torch_path(monkeypatch, tm
 @needs_native
 def test_the_build_is_cached_and_keyed(monkeypatch, tmp_path):
     monkeypatch.setenv("RELAY_CACHE_DIR", str(tmp_path))
-    first = native.build("cpu_gram")
+    first = native.build("cpu_obf")
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert native.build("cpu_gram") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert native.build("cpu_obf") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def _psd(n, d, decay, seed=0, rank=None):
+    gen = torch.Generator().manual_seed(seed)
+    lam = decay ** torch.arange(d, dtype=torch.float64)
+    if rank is not None:
+        lam[rank:] = 0
+    q = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64)).Q
+    return ((q * lam) @ q.mT).float(), q
+
+
+def _start(d, width):
+    from compression.backfill import _start_block
+
+    return _start_block(d, width, 0, "cpu", torch.float32).mT
+
+
+@needs_native
+@pytest.mark.parametrize(("d", "p", "decay"), [(128, 4, 0.9), (64, 2, 0.8), (16, 4, 0.7)])
+def test_native_top_directions_match_the_eigenvectors_and_the_torch_twin(d, p, decay):
+    from compression.backfill import BackfillConfig, top_directions_subspace
+
+    gram, q = _psd(24, d, decay)
+    width = min(d, p + 10)
+    c, steep = top_directions_native(gram, p, _start(d, width), 6, 1e-2, backend="native")
+    top = q[..., :p].mT.float()
+    assert float(torch.linalg.matrix_norm(c.mT @ c - top.mT @ top).max()) < 1e-3
+    assert torch.allclose(c @ c.mT, torch.eye(p).expand(24, p, p), atol=1e-5)
+    assert not bool(steep.any())
+    twin = top_directions_subspace(gram, p, BackfillConfig(rank=p), backend="torch")
+    assert float(torch.linalg.matrix_norm(c.mT @ c - twin.mT @ twin).max()) < 1e-3
+
+
+@needs_native
+def test_native_top_directions_flag_rank_deficient_and_steep_problems():
+    gram, _ = _psd(3, 32, 0.9, rank=2)  # rank 2 < p = 4
+    gram = torch.cat([gram, torch.zeros(1, 32, 32), _psd(1, 32, 0.01)[0]])  # a zero matrix, a very steep spectrum
+    c, steep = top_directions_native(gram, 4, _start(32, 14), 6, 1e-2, backend="native")
+    assert bool(torch.isfinite(c).all()) and steep.tolist() == [True, True, True, False, True]
+    assert not bool(c[3].any())  # nothing to find in a zero matrix (and nothing for eigh to add)
+    norms = torch.linalg.vector_norm(c, dim=-1)
+    assert bool(((norms - 1).abs() < 1e-5).logical_or(norms == 0).all())  # orthonormal rows, or zero rows
+
+
+@needs_native
+def test_native_top_directions_do_not_depend_on_the_thread_count():
+    gram, _ = _psd(10, 64, 0.95, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = top_directions_native(gram, 4, _start(64, 14), 6, 1e-2, backend="native")
+        torch.set_num_threads(2)
+        two = top_directions_native(gram, 4, _start(64, 14), 6, 1e-2, backend="native")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_native_top_directions_leave_unsupported_inputs_to_torch():
+    gram, _ = _psd(2, 24, 0.9)
+    assert top_directions_native(gram, 2, _start(24, 12), 6, 1e-2) is None  # d = 24: the torch path
+    assert top_directions_native(gram.double(), 2, _start(24, 12), 6, 1e-2) is None
+    with pytest.raises(native.NativeKernelUnavailable):
+        top_directions_native(gram, 2, _start(24, 12), 6, 1e-2, backend="native")
+    assert top_directions_native(_psd(2, 32, 0.9)[0], 2, _start(32, 12), 6, 1e-2, backend="torch") is None
