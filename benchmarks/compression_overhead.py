@@ -4,6 +4,8 @@ Times one relay hop (score -> select -> backfill) of H, L, and L-OBF / H-OBF wit
 faithful per-(item, layer, head) loop of OBF as in the paper's code, on the same memory, and prints a table with
 ratios to the loop (timed in rounds of loop + every method; medians) plus the relative difference
 of the injected delta of each fast solver to exact, by the spectral gap sigma_p / sigma_{p+1} of each problem.
+On a CPU the ``/torch`` rows run the fast solver without its compiled kernels (``kernels/cpu_obf.c``), in plain
+torch, as on a machine without a C compiler or with ``RELAY_KERNELS=torch``.
 
     python -m benchmarks.compression_overhead            # 36 layers, 8 KV heads, d=128, batch 4, 500-token prompts
     python -m benchmarks.compression_overhead --quick    # small shapes, seconds
@@ -33,6 +35,7 @@ from compression.selectors import (
     select_headwise,
     select_layerwise,
 )
+from kernels.dispatch import backend_override
 from relay.memory import KVState, Segment
 from relay.observation import Observation
 
@@ -164,14 +167,20 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     b = args.budget
-    # (recipe, selection kind, backfill config of its OBF solve); the recipes' default solver is "subspace"
+    # (recipe, selection kind, backfill config of its OBF solve, kernels); the recipes' default solver is "subspace";
+    # "torch" runs the fast solver without the compiled CPU kernels (kernels/cpu_obf.c), its plain-torch twin
+    lobf = (f"l-obf:budget={b},rank=4,solver=subspace", "l", BackfillConfig(rank=4, solver="subspace"))
+    hobf = (f"h-obf:budget={b},rank=2,solver=subspace", "h", BackfillConfig(rank=2, solver="subspace"))
     methods = {
-        "H": (f"h:budget={b}", None, None),
-        "L": (f"l:budget={b}", None, None),
-        "L-OBF exact": (f"l-obf:budget={b},rank=4,solver=exact", "l", BackfillConfig(rank=4, solver="exact")),
-        "L-OBF subspace": (f"l-obf:budget={b},rank=4,solver=subspace", "l", BackfillConfig(rank=4, solver="subspace")),
-        "H-OBF subspace": (f"h-obf:budget={b},rank=2,solver=subspace", "h", BackfillConfig(rank=2, solver="subspace")),
+        "H": (f"h:budget={b}", None, None, "auto"),
+        "L": (f"l:budget={b}", None, None, "auto"),
+        "L-OBF exact": (f"l-obf:budget={b},rank=4,solver=exact", "l", BackfillConfig(rank=4, solver="exact"), "auto"),
+        "L-OBF subspace": (*lobf, "auto"),
+        "H-OBF subspace": (*hobf, "auto"),
     }
+    if device.type == "cpu":
+        methods["L-OBF subspace/torch"] = (*lobf, "torch")
+        methods["H-OBF subspace/torch"] = (*hobf, "torch")
     scores = compute_scores(memory, obs)
     prompt = prompt_mask(memory, current_agent_index(memory, obs))
     selections = {"l": select_layerwise(scores, prompt, b), "h": select_headwise(scores, prompt, b)}
@@ -180,11 +189,22 @@ def main(argv: list[str] | None = None) -> None:
     # each ratio compares runs made seconds apart (a shared VM drifts by 20% over minutes); the table shows medians
     # over rounds, the ratios being medians of per-round ratios. The exact solver is timed once, before the rounds.
     def hop_fn(name: str) -> Callable[[], object]:
-        return lambda: compress(memory, obs, methods[name][0])
+        recipe, _, _, kernels = methods[name]
+
+        def hop():
+            with backend_override(kernels):
+                return compress(memory, obs, recipe)
+
+        return hop
 
     def solve_fn(name: str) -> Callable[[], object]:
-        _, kind, cfg = methods[name]
-        return lambda: orthogonal_backfill(memory, selections[kind], scores, cfg)
+        _, kind, cfg, kernels = methods[name]
+
+        def solve():
+            with backend_override(kernels):
+                return orthogonal_backfill(memory, selections[kind], scores, cfg)
+
+        return solve
 
     def loop_fn() -> torch.Tensor:
         return backfill_reference_loop(memory, selections["l"], scores, BackfillConfig(rank=4))
@@ -268,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                 n = int(mask.sum())
                 cells.append(f"gap>{floor:g} ({n}): " + (f"max {float(err[mask].max()):.1e}" if n else "-"))
             median = float(err[ref.applied].median())
-            print(f"    {name.split(' ', 1)[1]:<9} median {median:.1e} | " + " | ".join(cells))
+            print(f"    {name.split(' ', 1)[1]:<14} median {median:.1e} | " + " | ".join(cells))
     print(f"  OBF diagnostics (L-OBF subspace): {shifts['L-OBF subspace'].diagnostics()}")
 
 

@@ -2,6 +2,8 @@
 
 - :func:`quantize_pack` / :func:`unpack_dequantize`: row-wise KIVI-style asymmetric min-max quantization with
   bit packing (KIVI, arXiv 2402.02750). Triton on CUDA tensors, torch elsewhere; see :mod:`kernels.dispatch`.
+- :mod:`kernels.obf`: the CPU steps of Orthogonal Backfill's fast solver (arXiv 2604.13349) in a C kernel
+  (``cpu_obf.c``, built on first use by :mod:`kernels.native`), with plain-torch twins and a fallback to them.
 """
 
 from kernels.dispatch import choose_backend, quantize_pack, unpack_dequantize

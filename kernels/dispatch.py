@@ -1,7 +1,8 @@
 """Device dispatch for the kernels: Triton on CUDA tensors, the torch reference twin elsewhere.
 
 ``backend`` (argument) or the ``RELAY_KERNELS`` environment variable picks the path: ``"auto"`` (default),
-``"triton"`` (force the Triton kernels, e.g. on CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
+``"triton"`` (force the Triton kernels, e.g. on CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (also
+skips the compiled CPU kernels of :mod:`kernels.obf`).
 Triton is imported only when the Triton path is taken, so ``TRITON_INTERPRET`` can be set late.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +25,20 @@ ENV_VAR = "RELAY_KERNELS"
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@contextmanager
+def backend_override(value: str) -> Iterator[None]:
+    """``RELAY_KERNELS=value`` for the duration of the block (e.g. ``"torch"`` to time or test the torch twins)."""
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
 
 
 def choose_backend(tensor: torch.Tensor, backend: str | None = None) -> str:

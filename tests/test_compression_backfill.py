@@ -3,9 +3,6 @@ per-(item, layer, head) reference loop."""
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -23,25 +20,12 @@ from compression.backfill import (
 )
 from compression.scores import compute_scores
 from compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
+from kernels.dispatch import backend_override
 from relay.memory import Segment
 from tests.compression_fixtures import Layout, build_memory, layouts
 
 #: the fast solver's steps run in the compiled CPU kernels where they apply ("auto") or in their torch twins
 KERNELS = pytest.mark.parametrize("kernels", ["auto", "torch"])
-
-
-@contextmanager
-def kernel_backend(value: str):
-    """``RELAY_KERNELS`` set for the block (hypothesis tests cannot take the ``monkeypatch`` fixture)."""
-    before = os.environ.get("RELAY_KERNELS")
-    os.environ["RELAY_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("RELAY_KERNELS", None)
-        else:
-            os.environ["RELAY_KERNELS"] = before
 
 
 def setup(lay: Layout, budget: int, layerwise: bool):
@@ -100,7 +84,7 @@ configs = st.builds(
 @given(layouts(max_prompt=14), st.integers(1, 6), st.booleans(), configs)
 def test_every_solver_matches_the_reference_loop(kernels, lay, budget, layerwise, cfg):
     memory, scores, selection = setup(lay, budget, layerwise)
-    with kernel_backend(kernels):
+    with backend_override(kernels):
         got = orthogonal_backfill(memory, selection, scores, cfg)
     want = backfill_reference_loop(memory, selection, scores, cfg)
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
@@ -230,7 +214,7 @@ def test_fast_and_exact_agree_where_the_spectrum_has_a_gap(kernels, spectrum, ba
         v[..., d // 2 :] = torch.where(evicted, v[..., d // 2 :] + spikes, v[..., d // 2 :])
         v[..., d // 2 :] = torch.where(keep[li][..., None], 0.0, v[..., d // 2 :])
     exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver="exact"))
-    with kernel_backend(kernels):
+    with backend_override(kernels):
         fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=rank, solver=solver))
     checked = 0
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
@@ -272,7 +256,7 @@ def test_fast_and_exact_agree_on_small_residuals(kernels, solver):
         basis = torch.linalg.qr(torch.randn(32, 32, generator=gen)).Q
         v[:] = (torch.randn(*v.shape[:3], 32, generator=gen) * sigma * 10) @ basis.T
     exact = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver="exact"))
-    with kernel_backend(kernels):
+    with backend_override(kernels):
         fast = orthogonal_backfill(memory, selection, scores, BackfillConfig(rank=2, solver=solver))
     small = 0
     for li, b, h, x, y, _, _ in problems(memory, selection, scores):
