@@ -55,7 +55,9 @@ class BackfillConfig:
     ``scale``: ``ratio`` = ``A_d / A_s`` (paper), ``none`` = 1, ``share`` = ``A_d / (A_d + A_s)``.
     ``project``: ``False`` is the "no projection" ablation (``R = Y``).
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
-    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver.
+    ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver (16 iterations rather
+    than the paper's ~12: on Qwen3-4B-shaped caches they bring the largest difference to exact from 8.8e-4 to 6e-5
+    for L-OBF, and for H-OBF from 1.3e-3 to 1.5e-4 wherever sigma_p / sigma_{p+1} > 1.02, for ~10% more time).
     ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
     orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """
@@ -66,7 +68,7 @@ class BackfillConfig:
     scale: Literal["ratio", "none", "share"] = "ratio"
     project: bool = True
     aggregate: Literal["attention", "mean"] = "attention"
-    iterations: int = 12
+    iterations: int = 16
     oversample: int = 10
     orth_every: int = 2
     seed: int = 0
