@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -84,6 +85,7 @@ def build(name: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[latent-relay] building the compiled CPU kernel {source.name} (once) into {target.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
         done = subprocess.run([cc, *FLAGS, str(source), "-o", str(partial), *LIBS], capture_output=True, text=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import warnings
 
 import pytest
@@ -12,9 +14,16 @@ from kernels import native
 from kernels.obf import evicted_gram, evicted_gram_ref, top_directions_native
 
 needs_native = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma", "f16c"} <= native._cpu_flags(),
-    reason="the compiled CPU kernels are x86-64 with AVX2/FMA/F16C only",
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not {"avx2", "fma", "f16c"} <= native._cpu_flags()
+    or shutil.which(os.environ.get("CC", "cc")) is None,
+    reason="the compiled CPU kernels need x86-64 with AVX2/FMA/F16C and a C compiler",
 )
+
+
+@needs_native
+def test_the_kernels_build_and_load_where_they_can():
+    assert native.load("cpu_obf") is not None  # else every fast OBF solve here silently takes the slower torch path
 
 
 def _problem(b, h, t_total, span, d, dtype, seed=0, p_evict=0.8):
