@@ -53,24 +53,17 @@ static void block6(const float *a, int64_t sa_i, int64_t sa_t, const float *b, i
     for (int t = t0; t < t1; t++) {
         const float *brow = b + (size_t)t * ldb + j0, *at = ai + (size_t)t * sa_t;
         __m256 b0 = _mm256_loadu_ps(brow), b1 = _mm256_loadu_ps(brow + 8), s;
-        s = _mm256_broadcast_ss(at);
-        c00 = _mm256_fmadd_ps(s, b0, c00);
-        c01 = _mm256_fmadd_ps(s, b1, c01);
-        s = _mm256_broadcast_ss(at + sa_i);
-        c10 = _mm256_fmadd_ps(s, b0, c10);
-        c11 = _mm256_fmadd_ps(s, b1, c11);
-        s = _mm256_broadcast_ss(at + 2 * sa_i);
-        c20 = _mm256_fmadd_ps(s, b0, c20);
-        c21 = _mm256_fmadd_ps(s, b1, c21);
-        s = _mm256_broadcast_ss(at + 3 * sa_i);
-        c30 = _mm256_fmadd_ps(s, b0, c30);
-        c31 = _mm256_fmadd_ps(s, b1, c31);
-        s = _mm256_broadcast_ss(at + 4 * sa_i);
-        c40 = _mm256_fmadd_ps(s, b0, c40);
-        c41 = _mm256_fmadd_ps(s, b1, c41);
-        s = _mm256_broadcast_ss(at + 5 * sa_i);
-        c50 = _mm256_fmadd_ps(s, b0, c50);
-        c51 = _mm256_fmadd_ps(s, b1, c51);
+#define ROW(r, lo, hi)                                  \
+    s = _mm256_broadcast_ss(at + (size_t)(r) * sa_i);   \
+    lo = _mm256_fmadd_ps(s, b0, lo);                    \
+    hi = _mm256_fmadd_ps(s, b1, hi)
+        ROW(0, c00, c01);
+        ROW(1, c10, c11);
+        ROW(2, c20, c21);
+        ROW(3, c30, c31);
+        ROW(4, c40, c41);
+        ROW(5, c50, c51);
+#undef ROW
     }
 #define ST(r, h, v) _mm256_storeu_ps(o + (size_t)(r) * ldo + 8 * (h), v)
     ST(0, 0, c00); ST(0, 1, c01); ST(1, 0, c10); ST(1, 1, c11); ST(2, 0, c20); ST(2, 1, c21);
