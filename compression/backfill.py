@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from compression.selectors import Gathered, Selection, gather_tokens
-from kernels.obf import evicted_gram, top_directions_native
+from kernels.obf import evicted_gram, project_gram, top_directions_native
 from relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
@@ -323,9 +323,7 @@ def layer_residual_gram(
     y2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     if qt is None:
         return gram, u, y2, y2
-    a = gram @ qt.mT  # S Q^T  [N, d, k]
-    a.sub_(qt.mT @ (qt @ a), alpha=0.5)  # A = S Q^T - Q^T Q S Q^T / 2, E = A Q
-    gram.baddbmm_(a, qt, alpha=-1).baddbmm_(qt.mT, a.mT, alpha=-1)  # S - E - E^T, inside the two products
+    project_gram(gram, qt)  # S - E - E^T
     r = u - (u[:, None, :] @ qt.mT @ qt)[:, 0]
     r2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0)
     small = ((r2 < 1e-2 * y2) & (y2 > 0)).nonzero().squeeze(1)

@@ -162,6 +162,56 @@ int evicted_gram(const void *values, int dtype, int64_t stride_b, int64_t stride
     return failed;
 }
 
+/* ------------------------------------------------------------------------------- projecting out the kept span */
+
+/* In place, for each problem's symmetric S (d x d) and Q^T (k x d: orthonormal rows, or zero rows): the residual Gram
+   G = P S P with P = I - Q^T Q, as G = S - E - E^T with E = (S Q^T - Q^T (Q S Q^T) / 2) Q (d x d x k products instead
+   of d x d x d ones), the formula of the torch twin (compression.backfill.layer_residual_gram). G stays exactly
+   symmetric. Returns 0, 1 for an unsupported d or k, 2 when a thread's work space could not be allocated. */
+int project_gram(float *gram, const float *qt, int64_t problems, int d, int k) {
+    if (d <= 0 || d % 16 != 0 || k < 0) return 1;
+    if (k == 0) return 0;
+    int kp = (k + 15) / 16 * 16; /* Q^T padded with zero rows to a multiple of the micro-kernel's width */
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *q = (float *)calloc((size_t)kp * d, sizeof(float)), *qtr = (float *)calloc((size_t)d * kp, sizeof(float));
+        float *a = (float *)malloc((size_t)d * kp * sizeof(float)), *b = (float *)malloc((size_t)kp * kp * sizeof(float));
+        float *c = (float *)malloc((size_t)d * kp * sizeof(float)), *e = (float *)malloc((size_t)d * d * sizeof(float));
+        int ok = q && qtr && a && b && c && e;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 2;
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < problems; i++) {
+            if (!ok) continue;
+            float *g = gram + (size_t)i * d * d;
+            const float *qi = qt + (size_t)i * k * d;
+            memcpy(q, qi, (size_t)k * d * sizeof(float));
+            for (int r = 0; r < k; r++)
+                for (int col = 0; col < d; col++) qtr[(size_t)col * kp + r] = qi[(size_t)r * d + col];
+            matmul_rows(g, d, d, qtr, kp, a);  /* A = S Q^T            (d x kp) */
+            matmul_rows(q, kp, d, a, kp, b);   /* B = Q S Q^T          (kp x kp) */
+            matmul_rows(qtr, d, kp, b, kp, c); /* Q^T B                (d x kp) */
+            for (size_t x = 0; x < (size_t)d * kp; x++) a[x] -= 0.5f * c[x];
+            matmul_rows(a, d, kp, q, d, e); /* E = (A - Q^T B / 2) Q (d x d) */
+            for (int r0 = 0; r0 < d; r0 += 16) /* G = S - E - E^T, in 16 x 16 tiles so that E^T is read from cache */
+                for (int c0 = 0; c0 < d; c0 += 16)
+                    for (int r = r0; r < r0 + 16; r++)
+                        for (int col = c0; col < c0 + 16; col++)
+                            g[(size_t)r * d + col] -= e[(size_t)r * d + col] + e[(size_t)col * d + r];
+        }
+        free(q);
+        free(qtr);
+        free(a);
+        free(b);
+        free(c);
+        free(e);
+    }
+    return failed;
+}
+
 /* ------------------------------------------------------------------------------------------ top-p directions */
 
 /* x . y over n floats (n % 8 == 0), accumulated in double with AVX2, in a fixed order. */

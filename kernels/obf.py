@@ -10,6 +10,9 @@
 :func:`evicted_gram_ref` is the plain-torch reference; :func:`evicted_gram` runs the compiled CPU kernel
 (one pass, the symmetric half only, about twice as fast on a small CPU) where it applies and the reference elsewhere.
 
+**The residual Gram.** :func:`project_gram` turns ``S`` into ``G = P S P``, ``P = I - Q^T Q`` projecting out the
+kept span (twin :func:`project_gram_ref`).
+
 **Top-p eigenvectors of the residual Gram matrices.** :func:`top_directions_native` runs, per problem, the
 orthogonal iteration of :func:`compression.backfill.top_directions_subspace` (its plain-torch twin) with each
 problem's matrices kept in cache, Gram-Schmidt re-orthonormalisation and a Jacobi eigen-solve for Rayleigh-Ritz,
@@ -54,6 +57,8 @@ def _library() -> ctypes.CDLL | None:
         lib.evicted_gram.restype = ctypes.c_int
         lib.evicted_gram.argtypes = [ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, *[ctypes.c_int] * 3]
         lib.evicted_gram.argtypes += [ctypes.c_void_p] * 4
+        lib.project_gram.restype = ctypes.c_int
+        lib.project_gram.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         lib.top_directions.restype = ctypes.c_int
         lib.top_directions.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_int] * 4, ctypes.c_void_p]
         lib.top_directions.argtypes += [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
@@ -120,6 +125,37 @@ def evicted_gram(
     if status != 0:
         raise RuntimeError(f"compiled evicted-Gram kernel failed (status {status})")
     return s, u
+
+
+def project_gram_ref(gram: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+    """In place: ``G = P S P`` with ``P = I - Q^T Q`` for ``gram`` ``S`` ``[N, d, d]`` and ``qt`` ``Q^T`` ``[N, k, d]``,
+    as ``S - (E + E^T)`` with ``E = (S Q^T - Q^T Q S Q^T / 2) Q`` (``d x d x k`` products, ``R`` never formed)."""
+    a = gram @ qt.mT  # S Q^T  [N, d, k]
+    a.sub_(qt.mT @ (qt @ a), alpha=0.5)  # A = S Q^T - Q^T Q S Q^T / 2, E = A Q
+    return gram.baddbmm_(a, qt, alpha=-1).baddbmm_(qt.mT, a.mT, alpha=-1)  # S - E - E^T, inside the two products
+
+
+def project_gram(gram: torch.Tensor, qt: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """:func:`project_gram_ref` (in place, returns ``gram``), by the compiled CPU kernel where it applies: CPU
+    float32, contiguous, ``d % 16 == 0``. The kernel keeps ``G`` exactly symmetric."""
+    n, d = gram.shape[0], gram.shape[-1]
+    k = qt.shape[1]
+    applies = (
+        gram.device.type == "cpu"
+        and gram.dtype == qt.dtype == torch.float32
+        and gram.shape == (n, d, d)
+        and qt.shape == (n, k, d)
+        and gram.is_contiguous()
+        and d % 16 == 0
+    )
+    lib = _native_or_none(_backend(backend), applies, "kept-span projection")
+    if lib is None:
+        return project_gram_ref(gram, qt)
+    q = qt.contiguous()
+    status = lib.project_gram(gram.data_ptr(), q.data_ptr(), n, d, k)
+    if status != 0:
+        raise RuntimeError(f"compiled kept-span projection kernel failed (status {status})")
+    return gram
 
 
 def top_directions_native(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.obf import evicted_gram, evicted_gram_ref, top_directions_native
+from kernels.obf import evicted_gram, evicted_gram_ref, project_gram, project_gram_ref, top_directions_native
 
 needs_native = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
@@ -196,3 +196,29 @@ def test_native_top_directions_leave_unsupported_inputs_to_torch():
     with pytest.raises(native.NativeKernelUnavailable):
         top_directions_native(gram, 2, _start(24, 12), 6, 1e-2, backend="native")
     assert top_directions_native(_psd(2, 32, 0.9)[0], 2, _start(32, 12), 6, 1e-2, backend="torch") is None
+
+
+@needs_native
+@pytest.mark.parametrize(("d", "k"), [(128, 32), (64, 5), (16, 16), (32, 0)])
+def test_native_projection_matches_the_torch_twin_and_stays_symmetric(d, k):
+    gen = torch.Generator().manual_seed(k)
+    y = torch.randn(6, 3 * d, d, generator=gen)
+    s = y.mT @ y
+    s = 0.5 * (s + s.mT)
+    qt = torch.linalg.qr(torch.randn(6, d, max(k, 1), generator=gen)).Q.mT[:, :k].contiguous()
+    if k > 1:
+        qt[0, -1] = 0  # a zero row (a kept slot beyond that item's count)
+    want = project_gram_ref(s.clone(), qt)
+    got = project_gram(s.clone(), qt, backend="native")
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert torch.equal(got, got.mT)
+    p = torch.eye(d) - qt.mT @ qt  # against P S P formed explicitly
+    assert torch.allclose(got, p @ s @ p, atol=1e-4 * float(s.abs().max()))
+
+
+def test_projection_leaves_unsupported_inputs_to_the_torch_twin():
+    s = torch.eye(24).expand(2, 24, 24).contiguous()
+    qt = torch.eye(24)[:3].expand(2, 3, 24).contiguous()
+    assert torch.equal(project_gram(s.clone(), qt), project_gram_ref(s.clone(), qt))  # d = 24
+    with pytest.raises(native.NativeKernelUnavailable):
+        project_gram(s.clone(), qt, backend="native")
