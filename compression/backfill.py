@@ -15,8 +15,8 @@ Keys, sink, history and thoughts are never touched. One implementation, configur
 the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers at a time, each layer's (item, head)
 problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
 without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz,
-problems with a steep spectrum handed to eigh; on a CPU, ``Y_D^T Y_D`` and the iteration run in the compiled kernels of
-:mod:`kernels.obf` where they apply, this module's torch code being their twin;
+problems with a steep spectrum handed to eigh; on a CPU, ``Y_D^T Y_D``, ``P S P`` and the iteration run in the
+compiled kernels of :mod:`kernels.obf` where they apply, this module's torch code being their twin;
 ``eigh``: a batched eigen-solve of the same Gram matrices), the inject and scale modes, and the published
 ablations (no projection, naive aggregation, no scaling, all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and

@@ -1,18 +1,16 @@
-/* Gram matrices of evicted value rows on the CPU: the first step of Orthogonal Backfill's fast path
-   (arXiv 2604.13349; METHODS.md section 3). Plain-torch twin: kernels.reference.evicted_gram_ref.
+/* The CPU steps of Orthogonal Backfill's fast path (arXiv 2604.13349; METHODS.md section 3), per (item, layer, KV
+   head) problem, each problem's matrices kept in cache. Plain-torch twins (tested against these): the functions named
+   in kernels/obf.py and compression.backfill.top_directions_subspace.
 
-   For each (item, head) problem p of one layer, with value rows v[t] (t over the prompt span), an evicted-slot mask
-   and weights w (zero off the evicted slots):
+   evicted_gram    S = Y_D^T Y_D and u = w^T Y_D from a layer's values, Y_D the evicted rows in float32: one pass over
+                   the values (bf16 / fp16 / fp32), S from its upper-triangle blocks only (half the flops), mirrored.
+   project_gram    G = P S P, P = I - Q^T Q projecting out the kept span, in place.
+   top_directions  top-p eigenvectors of G: orthogonal iteration with G^2, Gram-Schmidt, Jacobi Rayleigh-Ritz.
 
-       Y_D  = the evicted rows, in float32
-       S[p] = Y_D^T Y_D      (d x d, symmetric)
-       u[p] = w^T Y_D        (d)
-
-   One pass over the values: each problem's evicted rows are converted to float32 into a per-thread buffer (L2-sized
-   for d = 128 and a few hundred tokens) and S is built from the upper-triangle 6 x 16 blocks only (half the flops of
-   a general matrix product) with AVX2 FMA, then mirrored. Every problem is summed by one thread in a fixed order,
-   so the result does not depend on the thread count. Problems are shared out with OpenMP; loaded after torch, this
-   library binds torch's own OpenMP runtime (same soname), so it uses torch's threads and thread count.
+   All products go through one AVX2/FMA micro-kernel (a 6 x 16 block of rank-1 updates). Every problem is computed
+   by one thread in a fixed order, so results do not depend on the thread count. Problems are shared out with
+   OpenMP; loaded after torch, this library binds torch's own OpenMP runtime (same soname, libgomp.so.1), so it runs
+   on torch's threads, with torch's thread count.
 
    Built by kernels/native.py with -O3 -mavx2 -mfma -mf16c -fopenmp. Needs d % 16 == 0 and a unit stride along d. */
 

@@ -92,6 +92,9 @@ def build(name: str) -> Path:
         if done.returncode != 0:
             raise NativeKernelUnavailable(f"building {source.name} failed:\n{done.stderr.strip()}")
         os.replace(partial, target)  # atomic: a concurrent build of the same key writes the same file
+    for stale in target.parent.glob(f"{name}-*.so"):  # builds of older sources or other compilers
+        if stale != target:
+            stale.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
     return target
 
 

@@ -82,15 +82,10 @@ def _native_or_none(choice: str, applies: bool, what: str) -> ctypes.CDLL | None
     return lib
 
 
-def native_applies(v: torch.Tensor) -> bool:
+def _evicted_gram_applies(v: torch.Tensor) -> bool:
     """Whether :func:`evicted_gram` can take the compiled kernel for values ``v`` (before building it)."""
-    return (
-        v.device.type == "cpu"
-        and v.dtype in _DTYPE_CODES
-        and v.dim() == 4
-        and v.shape[-1] % 16 == 0
-        and (v.stride(-1) == 1 or v.shape[-1] == 1)
-    )
+    d = v.shape[-1]
+    return v.device.type == "cpu" and v.dtype in _DTYPE_CODES and d > 0 and d % 16 == 0 and v.stride(-1) == 1
 
 
 def evicted_gram(
@@ -109,7 +104,7 @@ def evicted_gram(
     b, h, t, d = v.shape
     if evict.shape != (b, h, t) or w.shape != (b, h, t):
         raise ValueError(f"evict {tuple(evict.shape)} and w {tuple(w.shape)} must both be {(b, h, t)}")
-    lib = _native_or_none(_backend(backend), native_applies(v), "evicted-Gram")
+    lib = _native_or_none(_backend(backend), _evicted_gram_applies(v), "evicted-Gram")
     if lib is None:
         return evicted_gram_ref(v, evict, w, buffer, out)
     ev = evict.to(torch.uint8).contiguous()
@@ -146,6 +141,7 @@ def project_gram(gram: torch.Tensor, qt: torch.Tensor, *, backend: str | None = 
         and gram.shape == (n, d, d)
         and qt.shape == (n, k, d)
         and gram.is_contiguous()
+        and d > 0
         and d % 16 == 0
     )
     lib = _native_or_none(_backend(backend), applies, "kept-span projection")
@@ -175,6 +171,7 @@ def top_directions_native(
         gram.device.type == "cpu"
         and gram.dtype == torch.float32
         and gram.shape == (n, d, d)
+        and d > 0
         and d % 16 == 0
         and 0 < p <= width <= d
         and start.shape == (width, d)

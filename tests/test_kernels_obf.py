@@ -131,6 +131,11 @@ def test_the_build_is_cached_and_keyed(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
     assert native.build("cpu_obf") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    stale = first.with_name("cpu_obf-0000000000000000.so")
+    stale.write_bytes(b"an older build")
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DRELAY_TEST_REBUILD"))
+    second = native.build("cpu_obf")
+    assert second != first and second.exists() and not first.exists() and not stale.exists()
 
 
 def _psd(n, d, decay, seed=0, rank=None):
