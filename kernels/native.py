@@ -79,7 +79,7 @@ def build(name: str) -> Path:
     _check_machine()
     source = SOURCE_DIR / f"{name}.c"
     cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS + LIBS), version]).encode()).hexdigest()[:16]
     target = build_dir() / f"{name}-{key}.so"
     if target.exists():
@@ -88,7 +88,8 @@ def build(name: str) -> Path:
     print(f"[latent-relay] building the compiled CPU kernel {source.name} (once) into {target.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(source), "-o", str(partial), *LIBS], capture_output=True, text=True)
+        command = [cc, *FLAGS, str(source), "-o", str(partial), *LIBS]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise NativeKernelUnavailable(f"building {source.name} failed:\n{done.stderr.strip()}")
         os.replace(partial, target)  # atomic: a concurrent build of the same key writes the same file
@@ -103,6 +104,6 @@ def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``name``, or ``None`` (with one warning saying why) where it cannot be used."""
     try:
         return ctypes.CDLL(str(build(name)))
-    except (NativeKernelUnavailable, OSError) as err:
+    except (NativeKernelUnavailable, OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"latent-relay: compiled CPU kernel {name!r} unavailable, using torch: {err}", stacklevel=2)
         return None
