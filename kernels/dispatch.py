@@ -18,7 +18,9 @@ import torch
 
 from kernels import reference
 
-BACKENDS = ("auto", "triton", "torch")
+#: "native": the compiled CPU kernels (:mod:`kernels.obf`) where they apply; the quantizers, which have none, read it
+#: as "auto"; "triton" means "auto" for the compiled CPU kernels, which have no Triton twin
+BACKENDS = ("auto", "triton", "torch", "native")
 ENV_VAR = "RELAY_KERNELS"
 
 
@@ -41,12 +43,18 @@ def backend_override(value: str) -> Iterator[None]:
             os.environ[ENV_VAR] = before
 
 
-def choose_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
-    """``"triton"`` or ``"torch"`` for an operation on ``tensor``."""
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: ``backend``, else ``RELAY_KERNELS``, else ``"auto"``; one of :data:`BACKENDS`."""
     choice = backend or os.environ.get(ENV_VAR, "auto") or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {choice!r}")
-    if choice == "auto":
+    return choice
+
+
+def choose_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for an operation on ``tensor``."""
+    choice = requested_backend(backend)
+    if choice in ("auto", "native"):
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if choice == "triton" and not triton_available():
         raise RuntimeError("the Triton kernel path was requested but triton is not installed")

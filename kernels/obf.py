@@ -25,12 +25,11 @@ instead of a sequence of small batched torch and LAPACK calls.
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from kernels import native
-from kernels.dispatch import ENV_VAR
+from kernels.dispatch import requested_backend
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -66,16 +65,9 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _backend(backend: str | None) -> str:
-    """``"auto"``, ``"native"`` or ``"torch"`` from the argument or ``RELAY_KERNELS`` (whose ``"triton"``, forcing
-    the Triton kernels, means ``"auto"`` here: these steps have no Triton kernel)."""
-    choice = backend or os.environ.get(ENV_VAR) or "auto"
-    if choice not in ("auto", "native", "torch", "triton"):
-        raise ValueError(f"kernel backend must be auto, native or torch, got {choice!r}")
-    return "auto" if choice == "triton" else choice
-
-
-def _native_or_none(choice: str, applies: bool, what: str) -> ctypes.CDLL | None:
+def _native_or_none(backend: str | None, applies: bool, what: str) -> ctypes.CDLL | None:
+    """The kernel library where it is asked for (``"auto"`` or ``"native"``; :func:`requested_backend`) and applies."""
+    choice = requested_backend(backend)
     lib = _library() if choice != "torch" and applies else None
     if lib is None and choice == "native":
         raise native.NativeKernelUnavailable(f"the compiled {what} kernel does not run here")
@@ -104,7 +96,7 @@ def evicted_gram(
     b, h, t, d = v.shape
     if evict.shape != (b, h, t) or w.shape != (b, h, t):
         raise ValueError(f"evict {tuple(evict.shape)} and w {tuple(w.shape)} must both be {(b, h, t)}")
-    lib = _native_or_none(_backend(backend), _evicted_gram_applies(v), "evicted-Gram")
+    lib = _native_or_none(backend, _evicted_gram_applies(v), "evicted-Gram")
     if lib is None:
         return evicted_gram_ref(v, evict, w, buffer, out)
     ev = evict.to(torch.uint8).contiguous()
@@ -144,7 +136,7 @@ def project_gram(gram: torch.Tensor, qt: torch.Tensor, *, backend: str | None = 
         and d > 0
         and d % 16 == 0
     )
-    lib = _native_or_none(_backend(backend), applies, "kept-span projection")
+    lib = _native_or_none(backend, applies, "kept-span projection")
     if lib is None:
         return project_gram_ref(gram, qt)
     q = qt.contiguous()
@@ -177,7 +169,7 @@ def top_directions_native(
         and start.shape == (width, d)
         and reps >= 1
     )
-    lib = _native_or_none(_backend(backend), applies, "top-directions")
+    lib = _native_or_none(backend, applies, "top-directions")
     if lib is None:
         return None
     g = gram.contiguous()

@@ -109,7 +109,5 @@ def unpack_dequantize_ref(
     if per == 1:
         q = packed
     else:
-        q = torch.stack([(packed >> (k * bits)) & top for k in range(per)], dim=2).view(rows, width * per)[
-            :, :n
-        ]
+        q = torch.stack([(packed >> (k * bits)) & top for k in range(per)], dim=2).view(rows, width * per)[:, :n]
     return q.float().mul_(scale.float()[:, None]).add_(zero.float()[:, None]).to(dtype)
