@@ -117,6 +117,18 @@ static void matmul_rows(const float *z, int m, int k, const float *g, int d, flo
     }
 }
 
+/* A zeroed, 64-byte aligned work block of `bytes` for one thread; NULL (and *failed = 2) when out of memory. */
+static void *work_block(size_t bytes, int *failed) {
+    void *block = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (block != NULL) {
+        memset(block, 0, bytes);
+    } else {
+#pragma omp atomic write
+        *failed = 2;
+    }
+    return block;
+}
+
 /* values: element (b, h, t, c) at values[b * stride_b + h * stride_h + t * stride_t + c] (element strides), problem
    p = b * heads + h for p < problems; evict (uint8) and w (float32) are contiguous [problems, tokens]; s is
    [problems, d, d] and u [problems, d], both float32 and contiguous. Returns 0, 1 for an unsupported d or dtype,
@@ -126,15 +138,10 @@ int evicted_gram(const void *values, int dtype, int64_t stride_b, int64_t stride
                  float *u) {
     if (d <= 0 || d % 16 != 0 || dtype < DTYPE_FLOAT32 || dtype > DTYPE_FLOAT16 || heads <= 0) return 1;
     size_t esize = dtype == DTYPE_FLOAT32 ? 4 : 2;
-    size_t buffer_bytes = ((size_t)(tokens > 0 ? tokens : 1) * d * sizeof(float) + 63) / 64 * 64;
     int failed = 0;
 #pragma omp parallel
     {
-        float *rows = (float *)aligned_alloc(64, buffer_bytes);
-        if (rows == NULL) {
-#pragma omp atomic write
-            failed = 2;
-        }
+        float *rows = (float *)work_block((size_t)(tokens > 0 ? tokens : 1) * d * sizeof(float), &failed);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < problems; p++) {
             if (rows == NULL) continue;
@@ -173,17 +180,12 @@ int project_gram(float *gram, const float *qt, int64_t problems, int d, int k) {
     int failed = 0;
 #pragma omp parallel
     {
-        float *q = (float *)calloc((size_t)kp * d, sizeof(float)), *qtr = (float *)calloc((size_t)d * kp, sizeof(float));
-        float *a = (float *)malloc((size_t)d * kp * sizeof(float)), *b = (float *)malloc((size_t)kp * kp * sizeof(float));
-        float *c = (float *)malloc((size_t)d * kp * sizeof(float)), *e = (float *)malloc((size_t)d * d * sizeof(float));
-        int ok = q && qtr && a && b && c && e;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 2;
-        }
+        size_t dk = (size_t)d * kp;
+        float *work = (float *)work_block((4 * dk + (size_t)kp * kp + (size_t)d * d) * sizeof(float), &failed);
+        float *q = work, *qtr = q + dk, *a = qtr + dk, *c = a + dk, *b = c + dk, *e = b + (size_t)kp * kp;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < problems; i++) {
-            if (!ok) continue;
+            if (work == NULL) continue;
             float *g = gram + (size_t)i * d * d;
             const float *qi = qt + (size_t)i * k * d;
             memcpy(q, qi, (size_t)k * d * sizeof(float));
@@ -200,12 +202,7 @@ int project_gram(float *gram, const float *qt, int64_t problems, int d, int k) {
                         for (int col = c0; col < c0 + 16; col++)
                             g[(size_t)r * d + col] -= e[(size_t)r * d + col] + e[(size_t)col * d + r];
         }
-        free(q);
-        free(qtr);
-        free(a);
-        free(b);
-        free(c);
-        free(e);
+        free(work);
     }
     return failed;
 }
@@ -301,18 +298,13 @@ int top_directions(const float *gram, int64_t problems, int d, int p, int width,
 #pragma omp parallel
     {
         size_t wd = (size_t)width * d, ww = (size_t)width * width;
-        float *g2 = (float *)aligned_alloc(64, ((size_t)d * d * sizeof(float) + 63) / 64 * 64);
-        float *z = (float *)malloc(wd * sizeof(float)), *y = (float *)malloc(wd * sizeof(float));
-        double *t = (double *)malloc(ww * sizeof(double));
-        double *v = (double *)malloc(ww * sizeof(double)), *eval = (double *)malloc((size_t)width * sizeof(double));
-        int ok = g2 && z && y && t && v && eval;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 2;
-        }
+        double *t = (double *)work_block((2 * ww + width) * sizeof(double) + ((size_t)d * d + 2 * wd) * sizeof(float),
+                                         &failed);
+        double *v = t + ww, *eval = v + ww;
+        float *g2 = (float *)(eval + width), *z = g2 + (size_t)d * d, *y = z + wd;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < problems; i++) {
-            if (!ok) continue;
+            if (t == NULL) continue;
             const float *g = gram + (size_t)i * d * d;
             gram_upper_mirrored(g, d, d, g2); /* G^T G = G^2 */
             memcpy(z, start, wd * sizeof(float));
@@ -358,12 +350,7 @@ int top_directions(const float *gram, int64_t problems, int d, int p, int width,
             }
             steep[i] = last < (double)steep_ratio * first;
         }
-        free(g2);
-        free(z);
-        free(y);
         free(t);
-        free(v);
-        free(eval);
     }
     return failed;
 }
