@@ -244,7 +244,7 @@ def top_directions_subspace(
             steep = steep.nonzero().squeeze(1)
             if steep.numel():
                 c[steep] = top_directions_eigh(gram[steep], p)
-            return c.to(gram.device)
+            return c
     # Iterates are kept transposed (zt = Z^T, row-major), so Z = zt.mT is column-major, the layout LAPACK's QR
     # wants (no copies); G is symmetric, so (G Z)^T = Z^T G.
     zt = _start_block(d, width, cfg.seed, gram.device, gram.dtype).mT.expand(n, width, d)
