@@ -57,7 +57,8 @@ class BackfillConfig:
     ``aggregate``: ``attention`` (paper) or ``mean`` ("naive aggregation": plain mean of the residual rows).
     ``iterations`` / ``oversample`` / ``orth_every`` / ``seed``: the subspace-iteration solver (16 iterations rather
     than the paper's ~12: on Qwen3-4B-shaped caches they bring the largest difference to exact from 8.8e-4 to 6e-5
-    for L-OBF, and for H-OBF from 1.3e-3 to 1.5e-4 wherever sigma_p / sigma_{p+1} > 1.02, for ~10% more time).
+    for L-OBF, and for H-OBF from 1.3e-3 to 1.5e-4 wherever sigma_p / sigma_{p+1} > 1.02, as
+    ``benchmarks/compression_overhead.py`` prints).
     ``residual_tol``: inject nothing where ``||R||_F <= residual_tol * ||Y||_F`` (the fast path's kept basis is
     orthonormal to ~1e-4, so "~0" means below 1e-3 of the evicted norm for every solver).
     """

@@ -8,7 +8,8 @@
     u[p] = w^T Y_D       # [B * H, d]
 
 :func:`evicted_gram_ref` is the plain-torch reference; :func:`evicted_gram` runs the compiled CPU kernel
-(one pass, the symmetric half only, about twice as fast on a small CPU) where it applies and the reference elsewhere.
+(one pass, the symmetric half only) where it applies and the reference elsewhere. The whole solve with and without
+these kernels is timed by ``benchmarks/compression_overhead.py`` (its ``/torch`` rows).
 
 **The residual Gram.** :func:`project_gram` turns ``S`` into ``G = P S P``, ``P = I - Q^T Q`` projecting out the
 kept span (twin :func:`project_gram_ref`).
