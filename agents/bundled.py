@@ -10,7 +10,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.model_errors import BundledModelNotInstalledError
+from latent_relay.agents.model_errors import BundledModelNotInstalledError
 
 
 @dataclass(frozen=True)

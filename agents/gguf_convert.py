@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from agents.model_cache import COMPLETE_MARKER, log, write_json_atomic
-from agents.model_errors import ChecksumMismatchError
+from latent_relay.agents.model_cache import COMPLETE_MARKER, log, write_json_atomic
+from latent_relay.agents.model_errors import ChecksumMismatchError
 
 CONVERTED_DTYPE = torch.float32  # exact on CPU; a 0.5B model is 2 GB in float32
 FORMAT_VERSION = 1
@@ -47,9 +47,7 @@ def make_dense(model) -> None:
     model.__dict__.pop("quantization_method", None)
 
 
-def convert_gguf(
-    sources: list[Path], source_sha256: str, staging: Path, *, name: str, fingerprint_fn
-) -> None:
+def convert_gguf(sources: list[Path], source_sha256: str, staging: Path, *, name: str, fingerprint_fn) -> None:
     """Load GGUF weights with transformers (dequantized to float32) and `save_pretrained` them into `staging`.
 
     `sources` is one GGUF file or its ordered chunks; chunks are concatenated into a temporary file inside

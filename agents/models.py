@@ -6,7 +6,7 @@ A reference is one of
 - a local model folder or a Hugging Face id (from the local Hub cache unless `allow_download=True`).
 
 GGUF weights (bundled or not) are converted once into a float32 safetensors folder in the user cache
-(`agents.model_cache.cache_dir()`) and loaded from there afterwards.
+(`latent_relay.agents.model_cache.cache_dir()`) and loaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from agents.bundled import BUNDLED, DEFAULT_MODEL, BundledModel, list_bundled, locate_files
-from agents.fingerprint import config_essentials, model_fingerprint
-from agents.gguf_convert import convert_gguf
-from agents.model_cache import (
+from latent_relay.agents.bundled import BUNDLED, DEFAULT_MODEL, BundledModel, list_bundled, locate_files
+from latent_relay.agents.fingerprint import config_essentials, model_fingerprint
+from latent_relay.agents.gguf_convert import convert_gguf
+from latent_relay.agents.model_cache import (
     COMPLETE_MARKER,
     build_once,
     cache_dir,
@@ -32,7 +32,7 @@ from agents.model_cache import (
     log,
     write_json_atomic,
 )
-from agents.model_errors import BundledModelNotInstalledError, ChecksumMismatchError, ModelReferenceError
+from latent_relay.agents.model_errors import BundledModelNotInstalledError, ChecksumMismatchError, ModelReferenceError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -126,9 +126,7 @@ def _load_pretrained(ref: str, *, device, dtype: torch.dtype, local_only: bool, 
     return model.to(device), tokenizer
 
 
-def _load_converted(
-    folder: Path, name: str, *, device, dtype: torch.dtype, attn_implementation
-) -> LoadedModel:
+def _load_converted(folder: Path, name: str, *, device, dtype: torch.dtype, attn_implementation) -> LoadedModel:
     """Load a converted cache folder, reusing (or adding) the fingerprint recorded for this dtype."""
     model, tokenizer = _load_pretrained(
         str(folder), device=device, dtype=dtype, local_only=True, attn_implementation=attn_implementation
@@ -182,14 +180,10 @@ def _resolve_gguf(path: Path, **options) -> LoadedModel:
 
 
 def _unknown_reference(ref: str, why: str) -> ModelReferenceError:
-    return ModelReferenceError(
-        f"unknown model reference {ref!r} ({why}); bundled models: {', '.join(list_bundled())}"
-    )
+    return ModelReferenceError(f"unknown model reference {ref!r} ({why}); bundled models: {', '.join(list_bundled())}")
 
 
-def _resolve_hub_or_folder(
-    ref: str, *, device, dtype, allow_download: bool, attn_implementation
-) -> LoadedModel:
+def _resolve_hub_or_folder(ref: str, *, device, dtype, allow_download: bool, attn_implementation) -> LoadedModel:
     local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
     path = Path(ref).expanduser()
     looks_like_path = ref.startswith((".", "/", "~")) or path.exists()

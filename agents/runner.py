@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.batching import split_memory, stack_memories
-from agents.decoding import DecodeConfig, TokenPicker
-from agents.latent import LatentInput
-from relay.memory import KVState, Segment
-from relay.observation import Observation
+from latent_relay.agents.batching import split_memory, stack_memories
+from latent_relay.agents.decoding import DecodeConfig, TokenPicker
+from latent_relay.agents.latent import LatentInput
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.observation import Observation
 
 SINK_TOKENS = 4
 
@@ -64,6 +64,22 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.pad_id = self._pad_id()
+
+    def output_projections(self) -> list[torch.Tensor]:
+        """Every layer's attention output projection ``W_o`` (``[hidden, heads * head_dim]``), for value-aware
+        scoring with ``value=wo`` (arXiv 2605.08234). Read from ``self_attn.o_proj`` of each decoder layer, as in
+        the Llama, Qwen2 and Qwen3 model classes of transformers."""
+        layers = getattr(self.decoder, "layers", None)
+        weights = [
+            getattr(getattr(getattr(layer, "self_attn", None), "o_proj", None), "weight", None)
+            for layer in (layers or [])
+        ]
+        if len(weights) != self.num_layers or any(w is None for w in weights):
+            raise ValueError(
+                f"value=wo needs each decoder layer's self_attn.o_proj, which {type(self.model).__name__} does not "
+                "have; score with value=none, l1 or l2 instead"
+            )
+        return [w.detach() for w in weights]
 
     # ------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -209,7 +225,7 @@ class ModelRunner:
                 m = KVState.empty(1, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
                 m.fingerprint = self.fingerprint
             elif self.fingerprint and m.fingerprint and m.fingerprint != self.fingerprint:
-                from relay.memory import IncompatibleMemoryError
+                from latent_relay.relay.memory import IncompatibleMemoryError
 
                 raise IncompatibleMemoryError(
                     f"working memory was made by model {m.fingerprint[:16]}, this agent runs {self.fingerprint[:16]}"

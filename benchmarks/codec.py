@@ -1,8 +1,8 @@
 """Wire codec throughput and the serialization share of a relay hop (issue 4).
 
-``python -m benchmarks.codec [--repeats N] [--quick]``
+``python -m latent_relay.benchmarks.codec [--repeats N] [--quick]``
 
-1. Encode and decode throughput of :mod:`relay.wire` for raw, zstd-1 and zstd-3 payloads, next to a plain
+1. Encode and decode throughput of :mod:`latent_relay.relay.wire` for raw, zstd-1 and zstd-3 payloads, next to a plain
    memory copy of the same bytes (``bytes(memoryview)`` and ``torch.cat`` + ``clone`` of the tensors), in GB/s
    of cache bytes (medians over repeats). Encode = one copy into the packet + the chunked XXH3-128 checksum;
    decode = checksum check + zero-copy ``torch.frombuffer`` views (raw) or inflate + views (zstd). The raw
@@ -10,14 +10,15 @@
 2. The hop: ``compression.compress`` with ``h-obf:budget=32,rank=2`` (and ``+int8``) + encode + decode (+ the
    receiver's dequantization for ``+int8``), timed step after step in every repeat, and the share of the hop
    spent in the wire codec (encode + decode): the median of the per-repeat shares, and their range. As a host
-   sends it, the memory is built inside its packet (:class:`relay.wire.PacketArena`: encode writes only the
+   sends it, the memory is built inside its packet (:class:`latent_relay.relay.wire.PacketArena`: encode writes only the
    header and the checksum around it; a quantized memory is still copied); the ``(copied)`` row is the same fp32
    hop with the memory copied into a new packet, for comparison.
    Decode includes giving the packet's memory back once the message is dropped. ``encode faults`` counts the page
    faults of one encode (median): the packet is a fresh ``bytes`` object whose pages the operating system maps
    in as encode writes them, a cost of the C allocator and the machine (high on a small VM) more than of the
    codec. The hops are timed twice: with the C library's default allocator settings, then as a model host runs
-   them (:func:`relay.runtime.allocator.retain_freed_memory`: freed packet memory is kept for the next packet).
+   them (:func:`latent_relay.relay.runtime.allocator.retain_freed_memory`: freed packet memory is kept for the next
+   packet).
 
 Caches are random, shaped like Qwen2.5-0.5B (24 layers, 2 KV heads, head dim 64, 600 tokens, batch 4, fp32)
 and Qwen3-4B (36 layers, 8 KV heads, head dim 128, 540 tokens = 500 prompt + 40 thoughts, batch 1, fp32).
@@ -34,11 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from relay import wire
-from relay.memory import KVState, Segment
-from relay.messages import LatentMessage
-from relay.observation import Observation
-from relay.runtime.allocator import retain_freed_memory
+from latent_relay.relay import wire
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.messages import LatentMessage
+from latent_relay.relay.observation import Observation
+from latent_relay.relay.runtime.allocator import retain_freed_memory
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,14 @@ def _seconds(fn) -> float:
 def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tuple]:
     """(label, compress s, encode s, decode s, dequantize s, packet bytes, per-repeat serialization shares, encode
     page faults, hop s) of one relay hop, or (label, error); the label is the recipe, ``(copied)`` for the fp32 hop
-    without a :class:`relay.wire.PacketArena`.
+    without a :class:`latent_relay.relay.wire.PacketArena`.
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
     recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
     The four steps are timed one after another in each repeat, so that all see the same machine state; the
     share is the median of the per-repeat shares (encode + decode) / (compress + encode + decode + dequantize).
     """
-    from compression import compress
+    from latent_relay.compression.recipes import compress
 
     rows: list[tuple] = []
     fp32 = "h-obf:budget=32,rank=2"
@@ -242,7 +243,10 @@ def main() -> None:
         del memory, observation
     applied = retain_freed_memory()
     how = "applied" if applied else "not glibc, so nothing changed"
-    print(f"\nThe hops again, as a model host runs them: retain_freed_memory() {how} (relay.runtime.allocator)")
+    print(
+        f"\nThe hops again, as a model host runs them: retain_freed_memory() {how}"
+        " (latent_relay.relay.runtime.allocator)"
+    )
     for shape in shapes:
         memory, observation = make_cache(shape)
         print(f"\n{shape.name}-shaped cache")

@@ -7,9 +7,10 @@ of the injected delta of each fast solver to exact, by the spectral gap sigma_p 
 On a CPU the ``/torch`` rows run the fast solver without its compiled kernels (``kernels/cpu_obf.c``), in plain
 torch, as on a machine without a C compiler or with ``RELAY_KERNELS=torch``.
 
-    python -m benchmarks.compression_overhead            # 36 layers, 8 KV heads, d=128, batch 4, 500-token prompts
-    python -m benchmarks.compression_overhead --quick    # small shapes, seconds
-    python -m benchmarks.compression_overhead --device cuda   # the same comparison on a GPU
+    python -m latent_relay.benchmarks.compression_overhead                # 36 layers, 8 KV heads, d=128, batch 4,
+                                                                          # 500-token prompts
+    python -m latent_relay.benchmarks.compression_overhead --quick        # small shapes, seconds
+    python -m latent_relay.benchmarks.compression_overhead --device cuda  # the same comparison on a GPU
 
 Values get a smoothly decaying spectrum (like real value caches). Consecutive singular values of the residuals
 stay close (no problem reaches a gap of 1.5 here), the hard case for iterative solvers; where sigma_p and
@@ -25,19 +26,19 @@ from collections.abc import Callable
 
 import torch
 
-from compression import compress
-from compression.backfill import BackfillConfig, backfill_reference_loop, orthogonal_backfill
-from compression.scores import compute_scores
-from compression.selectors import (
+from latent_relay.compression.backfill import BackfillConfig, backfill_reference_loop, orthogonal_backfill
+from latent_relay.compression.recipes import compress
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import (
     current_agent_index,
     gather_tokens,
     prompt_mask,
     select_headwise,
     select_layerwise,
 )
-from kernels.dispatch import backend_override
-from relay.memory import KVState, Segment
-from relay.observation import Observation
+from latent_relay.kernels.dispatch import backend_override
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.observation import Observation
 
 
 def random_cache(
@@ -88,7 +89,7 @@ def random_cache(
 
 def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) -> torch.Tensor:
     """``sigma_p / sigma_{p+1}`` of every problem's residual ``R`` ``[L, B, H]`` (from the eigenvalues of R^T R)."""
-    from compression.backfill import _prompt_span, _weights_hat, kept_basis, layer_residual_gram
+    from latent_relay.compression.backfill import _prompt_span, _weights_hat, kept_basis, layer_residual_gram
 
     L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
     keep = selection.keep.expand(L, b, h, memory.num_tokens)

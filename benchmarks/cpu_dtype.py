@@ -1,11 +1,11 @@
 """Which dtype runs agent steps fastest on this machine: prefill, latent thoughts and decoding timed per dtype.
 
-The default dtype of `relay run` (`agents.models.default_dtype`) rests on this benchmark. CPUs without native
-bf16 matmul units (AVX2, most AVX-512 parts before Sapphire Rapids) run bf16 matmuls through a slow path, so a
+The default dtype of `relay run` (`latent_relay.agents.models.default_dtype`) rests on this benchmark. CPUs without
+native bf16 matmul units (AVX2, most AVX-512 parts before Sapphire Rapids) run bf16 matmuls through a slow path, so a
 compute-bound prefill can be several times slower in bf16 than in fp32 even though bf16 halves the weight bytes.
 
-    python -m benchmarks.cpu_dtype                       # default bundled model, batch 8, 200-token prompts
-    python -m benchmarks.cpu_dtype --model smollm2-135m --quick
+    python -m latent_relay.benchmarks.cpu_dtype                # default bundled model, batch 8, 200-token prompts
+    python -m latent_relay.benchmarks.cpu_dtype --model smollm2-135m --quick
 
 Each phase is timed `--repeats` times on the same inputs; the table shows medians and the ratio to the first dtype.
 """
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from agents.decoding import DecodeConfig
-from agents.models import resolve_model
-from agents.runner import ModelRunner
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.models import resolve_model
+from latent_relay.agents.runner import ModelRunner
 
 
 def time_phases(runner: ModelRunner, batch: int, prompt: int, thoughts: int, tokens: int, repeats: int) -> dict:

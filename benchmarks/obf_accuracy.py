@@ -7,8 +7,8 @@ of the injected delta to exact and the spectral gaps sigma_p / sigma_{p+1} of th
 ``benchmarks/compression_overhead.py`` measures speed on Qwen3-4B-shaped random caches; this measures accuracy on
 real ones.
 
-    python -m benchmarks.obf_accuracy                      # default model, 4 items, 10 thoughts per agent
-    python -m benchmarks.obf_accuracy --model smollm2-135m --items 2
+    python -m latent_relay.benchmarks.obf_accuracy                      # default model, 4 items, 10 thoughts per agent
+    python -m latent_relay.benchmarks.obf_accuracy --model smollm2-135m --items 2
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import time
 
 import torch
 
-from agents.models import DEFAULT_MODEL, resolve_model
-from agents.prompts import agent_message, chat_ids
-from agents.runner import ModelRunner
-from benchmarks.compression_overhead import spectral_gap
-from benchmarks.tasks import get_task
-from compression.backfill import BackfillConfig, orthogonal_backfill
-from compression.scores import compute_scores
-from compression.selectors import current_agent_index, prompt_mask, select_headwise, select_layerwise
+from latent_relay.agents.models import DEFAULT_MODEL, resolve_model
+from latent_relay.agents.prompts import agent_message, chat_ids
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.compression_overhead import spectral_gap
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.compression.backfill import BackfillConfig, orthogonal_backfill
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import current_agent_index, prompt_mask, select_headwise, select_layerwise
 
 SOLVERS = ("subspace", "eigh")
 

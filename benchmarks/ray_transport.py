@@ -1,15 +1,16 @@
 """A wire packet's trip between two Ray actors, and a whole relay hop between two hosts (issue 4).
 
-``python -m benchmarks.ray_transport [--repeats N] [--quick]``
+``python -m latent_relay.benchmarks.ray_transport [--repeats N] [--quick]``
 
 1. The trip, as bytes and as the numpy view the Ray runtime sends.
-The Ray runtime (:mod:`relay.runtime.ray_runtime`) moves packets from the host that encoded them to the host that
-decodes them through Ray's object store. A ``bytes`` object travels inside Ray's pickle stream: it is copied into
-the store and copied out again on the receiving side. A numpy array travels out of band: it is copied into the
-store and the receiver gets a read-only view of the store's memory, which :func:`relay.wire.decode` reads in
-place. This times one trip per form (sender returns the packet, receiver decodes it), alternating the forms
+The Ray runtime (:mod:`latent_relay.relay.runtime.ray_runtime`) moves packets from the host that encoded them to the
+host that decodes them through Ray's object store. A ``bytes`` object travels inside Ray's pickle stream: it is copied
+into the store and copied out again on the receiving side. A numpy array travels out of band: it is copied into the
+store and the receiver gets a read-only view of the store's memory, which :func:`latent_relay.relay.wire.decode` reads
+in place. This times one trip per form (sender returns the packet, receiver decodes it), alternating the forms
 repeat by repeat on one loopback-only cluster, for packets of an ``h-obf:budget=32,rank=2`` memory (and its
-``+int8`` form) of the shapes in :mod:`benchmarks.codec`; it reports medians and the median per-repeat ratio.
+``+int8`` form) of the shapes in :mod:`latent_relay.benchmarks.codec`; it reports medians and the median per-repeat
+ratio.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from benchmarks.codec import SHAPES, make_cache
+from latent_relay.benchmarks.codec import SHAPES, make_cache
 
 HOP_RECIPES = ("h-obf:budget=32,rank=2", "h-obf:budget=32,rank=2+int8")
 
@@ -30,7 +31,7 @@ class Sender:
         self.packet = packet
 
     def send(self, form: str):
-        from relay.runtime.ray_runtime import out_of_band
+        from latent_relay.relay.runtime.ray_runtime import out_of_band
 
         return self.packet if form == "bytes" else out_of_band(self.packet)
 
@@ -39,31 +40,31 @@ class Receiver:
     """Decodes what it is given (the packet arrives resolved from the object store)."""
 
     def take(self, packet) -> int:
-        from relay.wire import decode
+        from latent_relay.relay.wire import decode
 
         message = decode(packet)
         return int(message.memory.num_layers)
 
 
 class HopSender:
-    """A sending host: holds a cache of one :data:`benchmarks.codec.SHAPES` shape; each hop compresses and encodes
-    it and returns the packet as the runtime sends it, with the sender's time stamps."""
+    """A sending host: holds a cache of one :data:`latent_relay.benchmarks.codec.SHAPES` shape; each hop compresses
+    and encodes it and returns the packet as the runtime sends it, with the sender's time stamps."""
 
     def __init__(self, shape: int):
         import torch
 
-        from relay.runtime.allocator import retain_freed_memory
-        from relay.threads import available_cpus
+        from latent_relay.relay.runtime.allocator import retain_freed_memory
+        from latent_relay.relay.threads import available_cpus
 
         retain_freed_memory()
         torch.set_num_threads(available_cpus())  # an actor without CPUs reserved starts with one torch thread
         self.memory, self.observation = make_cache(SHAPES[shape])
 
     def hop(self, recipe: str):
-        from compression import compress
-        from relay.messages import LatentMessage
-        from relay.runtime.ray_runtime import out_of_band
-        from relay.wire import PacketArena, encode
+        from latent_relay.compression.recipes import compress
+        from latent_relay.relay.messages import LatentMessage
+        from latent_relay.relay.runtime.ray_runtime import out_of_band
+        from latent_relay.relay.wire import PacketArena, encode
 
         arena = PacketArena()  # as a host sends: the memory is built inside its packet
         start = time.perf_counter()
@@ -78,12 +79,12 @@ class HopReceiver:
     """A receiving host: decodes the packet (and dequantizes a quantized memory), then lets it go."""
 
     def __init__(self):
-        from relay.runtime.allocator import retain_freed_memory
+        from latent_relay.relay.runtime.allocator import retain_freed_memory
 
         retain_freed_memory()
 
     def take(self, sent) -> tuple[float, ...]:
-        from relay.wire import decode
+        from latent_relay.relay.wire import decode
 
         arrived = time.perf_counter()
         packet, stamps = sent
@@ -99,7 +100,7 @@ class HopReceiver:
 
 def hop_steps(stamps: tuple[float, ...]) -> dict[str, float]:
     """Seconds per step of one hop from its seven time stamps (see :class:`HopSender`, :class:`HopReceiver`);
-    giving the packet back counts with decode, as in :mod:`benchmarks.codec`."""
+    giving the packet back counts with decode, as in :mod:`latent_relay.benchmarks.codec`."""
     start, compressed, encoded, arrived, decoded, dequantized, freed = stamps
     return {
         "compress": compressed - start,
@@ -144,9 +145,9 @@ def print_hops(shapes: list[int], repeats: int) -> None:
 
 
 def packets(quick: bool) -> list[tuple[str, bytes]]:
-    from compression import compress
-    from relay.messages import LatentMessage
-    from relay.wire import encode
+    from latent_relay.compression.recipes import compress
+    from latent_relay.relay.messages import LatentMessage
+    from latent_relay.relay.wire import encode
 
     out = []
     for shape in SHAPES[:1] if quick else SHAPES:
@@ -158,7 +159,7 @@ def packets(quick: bool) -> list[tuple[str, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from relay.runtime.ray_runtime import start_local_cluster
+    from latent_relay.relay.runtime.ray_runtime import start_local_cluster
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)

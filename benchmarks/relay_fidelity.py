@@ -15,9 +15,9 @@ item's worked solution (GSM8K's reference reasoning, calculator notes removed). 
 whose KL is small next to it keeps most of what the relay carries. Means over items, each item's value the mean
 over its solution tokens; ``+-`` is the standard error over items.
 
-    python -m benchmarks.relay_fidelity                      # default model, 10 items, 10 thoughts
-    python -m benchmarks.relay_fidelity --model smollm2-135m --items 4
-    python -m benchmarks.relay_fidelity --recipe h:budget=8 --recipe h-obf:budget=8,rank=2
+    python -m latent_relay.benchmarks.relay_fidelity                      # default model, 10 items, 10 thoughts
+    python -m latent_relay.benchmarks.relay_fidelity --model smollm2-135m --items 4
+    python -m latent_relay.benchmarks.relay_fidelity --recipe h:budget=8 --recipe h-obf:budget=8,rank=2
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import time
 
 import torch
 
-from agents.models import DEFAULT_MODEL, resolve_model
-from agents.prompts import agent_message, chat_ids
-from agents.runner import ModelRunner
-from benchmarks.obf_accuracy import planner_step
-from benchmarks.tasks import get_task
-from compression import RecipeError, compress, parse_recipe
-from relay.messages import LatentMessage
-from relay.wire import encoded_size
+from latent_relay.agents.models import DEFAULT_MODEL, resolve_model
+from latent_relay.agents.prompts import agent_message, chat_ids
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.obf_accuracy import planner_step
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.compression.recipes import RecipeError, compress, parse_recipe
+from latent_relay.relay.messages import LatentMessage
+from latent_relay.relay.wire import encoded_size
 
 RECIPES = (
     "h:budget=32",

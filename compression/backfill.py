@@ -16,7 +16,7 @@ the solver (``exact``: batched QR + SVD in fp32; ``subspace``: a group of layers
 problems in one batch with reused buffers, a Cholesky-QR kept basis, the residual Gram ``R^T R = P (Y_D^T Y_D) P``
 without forming ``R``, then batched subspace iteration (cheap ridge Cholesky-QR between steps) with Rayleigh-Ritz,
 problems with a steep spectrum handed to eigh; on a CPU, ``Y_D^T Y_D``, ``P S P`` and the iteration run in the
-compiled kernels of :mod:`kernels.obf` where they apply, this module's torch code being their twin;
+compiled kernels of :mod:`latent_relay.kernels.obf` where they apply, this module's torch code being their twin;
 ``eigh``: a batched eigen-solve of the same Gram matrices), the inject and scale modes, and the published
 ablations (no projection, naive aggregation, no scaling, all components).
 :func:`backfill_reference_loop` is the faithful per-(item, layer, head) loop of the paper's code, for tests and
@@ -30,9 +30,9 @@ from typing import Literal
 
 import torch
 
-from compression.selectors import Gathered, Selection, gather_tokens
-from kernels.obf import evicted_gram, project_gram, top_directions_native
-from relay.memory import KVState
+from latent_relay.compression.selectors import Gathered, Selection, gather_tokens
+from latent_relay.kernels.obf import evicted_gram, project_gram, top_directions_native
+from latent_relay.relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
 
@@ -232,8 +232,8 @@ def top_directions_subspace(
     Orthogonal (subspace) iteration of width ``p + oversample`` from a fixed seeded start block, re-orthonormalised
     every ``orth_every`` steps, then Rayleigh-Ritz (METHODS.md §3 fast path), all problems in one batch. With the
     default ``orth_every=2`` the two products between re-orthonormalisations are one product with ``G^2``; that
-    case runs in the compiled CPU kernel (:func:`kernels.obf.top_directions_native`) where it applies, this torch
-    code being its twin (``backend="torch"`` or ``RELAY_KERNELS=torch`` forces it).
+    case runs in the compiled CPU kernel (:func:`latent_relay.kernels.obf.top_directions_native`) where it applies, this
+    torch code being its twin (``backend="torch"`` or ``RELAY_KERNELS=torch`` forces it).
     """
     n, d, _ = gram.shape
     width = min(d, p + cfg.oversample)
@@ -357,7 +357,8 @@ def _solve_gram(values, x, kept, evict, w_hat, prompt, cfg):
     over all ``L * B * H`` problems.
 
     (Overlapping a group's iteration with the next group's Grams in a worker thread was 5-7% faster on a 2-core CPU
-    but left the process's later torch work about 35% slower in ad-hoc timings; see :mod:`relay.threads`.)"""
+    but left the process's later torch work about 35% slower in ad-hoc timings; see
+    :mod:`latent_relay.relay.threads`.)"""
     lo, hi = _prompt_span(prompt)
     n_layers, b, h = evict.shape[:3]
     d = values[0].shape[-1]

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
-from relay.memory import KVState, MemoryShape, Segment
+from latent_relay.kernels.dispatch import quantize_pack, unpack_dequantize
+from latent_relay.kernels.reference import check_bits, packed_width
+from latent_relay.relay.memory import KVState, MemoryShape, Segment
 
 AXES = ("channel", "token")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,9 +58,9 @@ def group_layout(shape: tuple[int, ...], axis: str, group_size: int | None) -> t
 @functools.lru_cache(maxsize=256)
 def _packed_shape(shape: tuple[int, ...], axis: str, group_size: int | None, bits: int) -> tuple[int, int]:
     """``(rows, packed bytes per row)`` of the codes of a ``shape`` tensor (every layer of a memory shares it)."""
-    kernels.reference.check_bits(bits)
+    check_bits(bits)
     rows, group, _ = group_layout(shape, axis, group_size)
-    return rows, kernels.packed_width(group, bits)
+    return rows, packed_width(group, bits)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def quantize(
     """
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"can only quantize {FLOAT_DTYPES}, not {t.dtype}")
-    kernels.reference.check_bits(bits)
+    check_bits(bits)
     shape = tuple(int(s) for s in t.shape)
     rows, group, per_line = group_layout(shape, axis, group_size)
     x = _lines(t, axis)
@@ -149,7 +150,7 @@ def quantize(
         mask = mask.reshape(rows, group)
         if bool(mask.all()):
             mask = None
-    data, scale, zero = kernels.quantize_pack(x, mask, bits, backend=backend)
+    data, scale, zero = quantize_pack(x, mask, bits, backend=backend)
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         raise ValueError("cannot quantize: values are not finite or beyond the fp16 range of the scales")
     return QuantizedTensor(data, scale, zero, bits, axis, shape, t.dtype, group_size)
@@ -158,7 +159,7 @@ def quantize(
 def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tensor:
     """The tensor ``q`` was made from, within half a quantization step per entry (in ``q.dtype``)."""
     rows, group, per_line = group_layout(tuple(q.shape), q.axis, q.group_size)
-    x = kernels.unpack_dequantize(q.data, q.scale, q.zero, q.bits, group, q.dtype, backend=backend)
+    x = unpack_dequantize(q.data, q.scale, q.zero, q.bits, group, q.dtype, backend=backend)
     *lead, tokens, dim = q.shape
     length = tokens if q.axis == "channel" else dim
     lines = _prod(lead) * (dim if q.axis == "channel" else tokens)
@@ -170,7 +171,7 @@ def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tenso
 
 @dataclass
 class QuantizedMemory(MemoryShape):
-    """A :class:`~relay.memory.KVState` with KIVI-quantized keys (per channel) and values (per token).
+    """A :class:`~latent_relay.relay.memory.KVState` with KIVI-quantized keys (per channel) and values (per token).
 
     The token table (segment, agent, position, agents, fingerprint) travels unchanged; ``dequantize()`` gives
     the working memory back (padding slots of values come back as 0).

@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compression.backfill import ABLATIONS, BackfillConfig, Solver, apply_backfill, orthogonal_backfill
-from compression.scores import compute_scores
-from compression.selectors import (
+from latent_relay.compression.backfill import ABLATIONS, BackfillConfig, Solver, apply_backfill, orthogonal_backfill
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import (
     Selection,
     current_agent_index,
     gather_selection,
@@ -27,8 +27,8 @@ from compression.selectors import (
     select_headwise,
     select_layerwise,
 )
-from relay.memory import KVState, TensorAllocator
-from relay.observation import Observation
+from latent_relay.relay.memory import KVState, TensorAllocator
+from latent_relay.relay.observation import Observation
 
 
 class RecipeError(ValueError):
@@ -192,7 +192,7 @@ class _Quantize(Method):
     def apply(
         self, memory: KVState, observation: Observation | None, output_proj, allocate: TensorAllocator | None = None
     ) -> tuple[Any, Metrics]:
-        from compression.quant import quantize_memory  # written alongside; imported lazily
+        from latent_relay.compression.quant import quantize_memory  # written alongside; imported lazily
 
         return quantize_memory(memory, self.bits), {"bits": self.bits}
 
@@ -234,6 +234,11 @@ class Recipe(BaseModel):
 
     def __str__(self) -> str:
         return self.canonical
+
+    @property
+    def needs_output_proj(self) -> bool:
+        """Whether a step scores with ``value=wo``, which needs the model's attention output projections."""
+        return any(getattr(step, "value", None) == "wo" for step in self.steps)
 
     @property
     def bits(self) -> int | None:
@@ -313,8 +318,8 @@ def compress(
     """Apply a recipe to a memory (sender side of a relay edge).
 
     ``allocate`` (optional) makes the tensors of the packed memory where the recipe's last step builds it by
-    eviction: a sender passes :meth:`relay.wire.PacketArena.allocate` so that the memory is built inside the packet
-    that will carry it and encoding does not copy it. The result is the same with or without it.
+    eviction: a sender passes :meth:`latent_relay.relay.wire.PacketArena.allocate` so that the memory is built inside
+    the packet that will carry it and encoding does not copy it. The result is the same with or without it.
 
     Returns the packed memory (a :class:`KVState`, or the quantized memory when the recipe quantizes) and per-hop
     metrics: ``bytes_before``, ``bytes_after`` (real packed size), ``seconds``, ``retained_fraction`` (kept prompt

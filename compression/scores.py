@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from relay.memory import KVState, MemoryError_
-from relay.observation import Observation
+from latent_relay.relay.memory import KVState, MemoryError_
+from latent_relay.relay.observation import Observation
 
 ValueNorm = Literal["none", "l1", "l2", "wo"]
 

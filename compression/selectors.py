@@ -7,7 +7,8 @@ that item)`` prompt tokens, so tensors stay rectangular; items that differ are r
 
 Survivors keep their original positions. Kept slots stay in their original order; the kept prompt tokens sit
 where the prompt region started, so for the usual contiguous prompt the order is exactly the original one and
-every output slot has one segment and one owner across heads (what :class:`~relay.memory.KVState` requires).
+every output slot has one segment and one owner across heads (what :class:`~latent_relay.relay.memory.KVState`
+requires).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from relay.memory import KVState, Segment, TensorAllocator
-from relay.observation import Observation
+from latent_relay.relay.memory import KVState, Segment, TensorAllocator
+from latent_relay.relay.observation import Observation
 
 
 def current_agent_index(memory: KVState, observation: Observation | None) -> int:
@@ -186,7 +187,7 @@ def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllo
     """Physically evict: gather the survivors of every layer and head (one row gather per layer).
 
     ``allocate`` (optional) makes the new memory's tensors, e.g. inside the packet that will carry them
-    (:class:`relay.wire.PacketArena`); the result is the same either way."""
+    (:class:`latent_relay.relay.wire.PacketArena`); the result is the same either way."""
     order, slot_valid = survivor_order(memory, selection)
     b, t_out = slot_valid.shape
     h = memory.num_kv_heads

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from agents.decoding import DecodeConfig
-from agents.models import resolve_model
-from agents.runner import ModelRunner
-from benchmarks.tasks import get_task
-from relay.graph import AgentGraph, Edge, Node
-from relay.results import summarize
-from relay.runtime.local import LocalRuntime
-from relay.runtime.node import NodeExecutor
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.models import resolve_model
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.relay.graph import AgentGraph, Edge, Node
+from latent_relay.relay.results import summarize
+from latent_relay.relay.runtime.local import LocalRuntime
+from latent_relay.relay.runtime.node import NodeExecutor
 
 
 def build(recipe: str, latent_steps: int) -> AgentGraph:
@@ -29,8 +29,11 @@ def build(recipe: str, latent_steps: int) -> AgentGraph:
         name="solve-check-judge",
         nodes=[
             Node(name="solver", prompt="Solve the problem step by step."),
-            Node(name="checker", prompt="Check the solution in your working memory for arithmetic mistakes.",
-                 latent_steps=latent_steps // 2),
+            Node(
+                name="checker",
+                prompt="Check the solution in your working memory for arithmetic mistakes.",
+                latent_steps=latent_steps // 2,
+            ),
             Node(name="judge", role="judger", decoding=DecodeConfig(max_new_tokens=192)),
         ],
         edges=[
@@ -60,7 +63,7 @@ def main() -> None:
     decode = DecodeConfig(max_new_tokens=256)
 
     if args.runtime == "ray":
-        from relay.runtime.ray_runtime import RayRuntime
+        from latent_relay.relay.runtime.ray_runtime import RayRuntime
 
         placement = {"solver": "solver-host", "checker": "judge-host", "judge": "judge-host"}
         with RayRuntime(args.model, decode=decode, address=args.address, placement=placement) as runtime:
@@ -68,8 +71,9 @@ def main() -> None:
     else:
         loaded = resolve_model(args.model)
         runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
-        results = LocalRuntime(NodeExecutor(runner, decode), loaded.name).run(graph, task, items, "custom",
-                                                                              batch_size=2)
+        results = LocalRuntime(NodeExecutor(runner, decode), loaded.name).run(
+            graph, task, items, "custom", batch_size=2
+        )
     for r in results:
         print(f"--- item {r.item_id}: {'correct' if r.correct else 'wrong'} (gold {r.gold})")
         for edge, n in r.edge_bytes.items():

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from agents.decoding import DecodeConfig
-from agents.models import resolve_model
-from agents.runner import ModelRunner
-from benchmarks.tasks import get_task
-from relay.graph import hierarchical
-from relay.results import summarize
-from relay.runtime.local import LocalRuntime
-from relay.runtime.node import NodeExecutor
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.models import resolve_model
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.relay.graph import hierarchical
+from latent_relay.relay.results import summarize
+from latent_relay.relay.runtime.local import LocalRuntime
+from latent_relay.relay.runtime.node import NodeExecutor
 
 
 def main() -> None:

@@ -1,22 +1,22 @@
 """Sequential latent relay: planner -> critic -> refiner -> judger, each handing its KV cache to the next.
 
-    python examples/sequential.py                      # smollm2-135m, 2 GSM8K items, full latent relay
-    python examples/sequential.py --relay text         # the same agents talking in text (TextMAS)
-    python examples/sequential.py --relay "latent+h-obf:budget=32,rank=2"   # compressed relay
+python examples/sequential.py                      # smollm2-135m, 2 GSM8K items, full latent relay
+python examples/sequential.py --relay text         # the same agents talking in text (TextMAS)
+python examples/sequential.py --relay "latent+h-obf:budget=32,rank=2"   # compressed relay
 """
 
 from __future__ import annotations
 
 import argparse
 
-from agents.decoding import DecodeConfig
-from agents.models import resolve_model
-from agents.runner import ModelRunner
-from benchmarks.tasks import get_task
-from relay.graph import build_graph
-from relay.results import summarize
-from relay.runtime.local import LocalRuntime
-from relay.runtime.node import NodeExecutor
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.models import resolve_model
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.relay.graph import build_graph
+from latent_relay.relay.results import summarize
+from latent_relay.relay.runtime.local import LocalRuntime
+from latent_relay.relay.runtime.node import NodeExecutor
 
 
 def main() -> None:
@@ -41,8 +41,10 @@ def main() -> None:
 
     results = runtime.run(graph, task, items, args.relay, batch_size=2)
     for r in results:
-        print(f"--- item {r.item_id}: {'correct' if r.correct else 'wrong'} (gold {r.gold}), "
-              f"{r.relay_bytes} relay bytes, {r.seconds:.1f}s\n{r.answer.strip()[:400]}")
+        print(
+            f"--- item {r.item_id}: {'correct' if r.correct else 'wrong'} (gold {r.gold}), "
+            f"{r.relay_bytes} relay bytes, {r.seconds:.1f}s\n{r.answer.strip()[:400]}"
+        )
     print()
     print(summarize(results))
 

@@ -2,7 +2,7 @@
 
 ``backend`` (argument) or the ``RELAY_KERNELS`` environment variable picks the path: ``"auto"`` (default),
 ``"triton"`` (force the Triton kernels, e.g. on CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (also
-skips the compiled CPU kernels of :mod:`kernels.obf`).
+skips the compiled CPU kernels of :mod:`latent_relay.kernels.obf`).
 Triton is imported only when the Triton path is taken, so ``TRITON_INTERPRET`` can be set late.
 """
 
@@ -16,10 +16,10 @@ from contextlib import contextmanager
 
 import torch
 
-from kernels import reference
+from latent_relay.kernels import reference
 
-#: "native": the compiled CPU kernels (:mod:`kernels.obf`) where they apply; the quantizers, which have none, read it
-#: as "auto"; "triton" means "auto" for the compiled CPU kernels, which have no Triton twin
+#: "native": the compiled CPU kernels (:mod:`latent_relay.kernels.obf`) where they apply; the quantizers, which have
+#: none, read it as "auto"; "triton" means "auto" for the compiled CPU kernels, which have no Triton twin
 BACKENDS = ("auto", "triton", "torch", "native")
 ENV_VAR = "RELAY_KERNELS"
 
@@ -64,7 +64,7 @@ def choose_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
 def quantize_pack(
     x: torch.Tensor, valid: torch.Tensor | None, bits: int, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise KIVI quantize + pack (see :mod:`kernels.reference`).
+    """Row-wise KIVI quantize + pack (see :mod:`latent_relay.kernels.reference`).
 
     Returns ``(packed uint8 [rows, bytes], scale fp16 [rows], zero fp16 [rows])``.
     """
@@ -73,7 +73,7 @@ def quantize_pack(
     if valid is not None and valid.shape != x.shape:
         raise ValueError(f"valid mask {tuple(valid.shape)} does not match {tuple(x.shape)}")
     if choose_backend(x, backend) == "triton":
-        from kernels.triton_quant import quantize_pack_triton
+        from latent_relay.kernels.triton_quant import quantize_pack_triton
 
         return quantize_pack_triton(x, None if valid is None else valid.bool(), bits)
     return reference.quantize_pack_ref(x, None if valid is None else valid.bool(), bits)
@@ -93,7 +93,7 @@ def unpack_dequantize(
     if packed.dim() != 2 or scale.shape != (packed.shape[0],) or zero.shape != scale.shape:
         raise ValueError("packed must be [rows, bytes] with one scale and one zero per row")
     if choose_backend(packed, backend) == "triton":
-        from kernels.triton_quant import unpack_dequantize_triton
+        from latent_relay.kernels.triton_quant import unpack_dequantize_triton
 
         return unpack_dequantize_triton(packed, scale, zero, bits, n, dtype)
     return reference.unpack_dequantize_ref(packed, scale, zero, bits, n, dtype)

@@ -15,12 +15,12 @@ these kernels is timed by ``benchmarks/compression_overhead.py`` (its ``/torch``
 kept span (twin :func:`project_gram_ref`).
 
 **Top-p eigenvectors of the residual Gram matrices.** :func:`top_directions_native` runs, per problem, the
-orthogonal iteration of :func:`compression.backfill.top_directions_subspace` (its plain-torch twin) with each
-problem's matrices kept in cache, Gram-Schmidt re-orthonormalisation and a Jacobi eigen-solve for Rayleigh-Ritz,
+orthogonal iteration of :func:`latent_relay.compression.backfill.top_directions_subspace` (its plain-torch twin) with
+each problem's matrices kept in cache, Gram-Schmidt re-orthonormalisation and a Jacobi eigen-solve for Rayleigh-Ritz,
 instead of a sequence of small batched torch and LAPACK calls.
 
 ``RELAY_KERNELS=torch`` (or ``backend="torch"``) forces the torch path; ``backend="native"`` raises
-:class:`kernels.native.NativeKernelUnavailable` where the compiled kernel cannot run.
+:class:`latent_relay.kernels.native.NativeKernelUnavailable` where the compiled kernel cannot run.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import ctypes
 
 import torch
 
-from kernels import native
-from kernels.dispatch import requested_backend
+from latent_relay.kernels import native
+from latent_relay.kernels.dispatch import requested_backend
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -154,7 +154,7 @@ def top_directions_native(
     bool ``[N]`` marking steep spectra (p-th Ritz value below ``steep_ratio`` of the first; solve those with eigh).
 
     From ``start`` ``[width, d]`` (orthonormal rows), ``reps`` products with ``G^2``, each re-orthonormalised, then
-    Rayleigh-Ritz with ``G``: :func:`compression.backfill.top_directions_subspace`'s iteration with
+    Rayleigh-Ritz with ``G``: :func:`latent_relay.compression.backfill.top_directions_subspace`'s iteration with
     ``orth_every=2`` and ``iterations = 2 * reps``. ``None`` where the torch path is to be taken (CPU float32 and
     ``d % 16 == 0`` only).
     """

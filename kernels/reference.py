@@ -1,4 +1,4 @@
-"""Plain-torch reference twins of the quantization kernels in :mod:`kernels.triton_quant`.
+"""Plain-torch reference twins of the quantization kernels in :mod:`latent_relay.kernels.triton_quant`.
 
 Row-wise asymmetric min-max quantization with bit packing, the building block of KIVI (Liu et al., "KIVI: A
 Tuning-Free Asymmetric 2bit Quantization for KV Cache", arXiv 2402.02750): every row of a ``[rows, n]`` matrix

@@ -1,12 +1,12 @@
 """Triton kernels for row-wise KIVI quantization + bit packing and unpacking + dequantization.
 
-Same contract, bit for bit, as the torch twins in :mod:`kernels.reference` (KIVI, arXiv 2402.02750; see that
-module for the arithmetic). One program handles ``BLOCK_R`` rows: a first sweep over the row finds the masked
+Same contract, bit for bit, as the torch twins in :mod:`latent_relay.kernels.reference` (KIVI, arXiv 2402.02750; see
+that module for the arithmetic). One program handles ``BLOCK_R`` rows: a first sweep over the row finds the masked
 min/max, a second quantizes and packs ``8 // bits`` codes per byte. Plain pointer arithmetic only, fp32 math
 after every load (the interpreter's bf16 arithmetic is unreliable), so the kernels also run under
 ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests check them.
 
-Importing this module imports ``triton``; :mod:`kernels.dispatch` imports it lazily.
+Importing this module imports ``triton``; :mod:`latent_relay.kernels.dispatch` imports it lazily.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_bits, packed_width, qmax
+from latent_relay.kernels.reference import check_bits, packed_width, qmax
 
 BLOCK_R = 16
 BLOCK_N = 64
@@ -113,7 +113,7 @@ def _unpack_dequantize_kernel(
 def quantize_pack_triton(
     x: torch.Tensor, valid: torch.Tensor | None, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`kernels.reference.quantize_pack_ref`."""
+    """Triton twin of :func:`latent_relay.kernels.reference.quantize_pack_ref`."""
     check_bits(bits)
     x = x.contiguous()
     rows, n = x.shape
@@ -138,7 +138,7 @@ def quantize_pack_triton(
 def unpack_dequantize_triton(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Triton twin of :func:`kernels.reference.unpack_dequantize_ref`."""
+    """Triton twin of :func:`latent_relay.kernels.reference.unpack_dequantize_ref`."""
     check_bits(bits)
     packed = packed.contiguous()
     rows, width = packed.shape

@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(path: str) -> int:
-    from relay.wire import describe
+    from latent_relay.relay.wire import describe
 
     print(describe(Path(path).read_bytes()))
     return 0
 
 
 def _report(files: list[str]) -> int:
-    from relay.results import read_results, summarize
+    from latent_relay.relay.results import read_results, summarize
 
     results = [r for f in files for r in read_results(f)]
     if not results:
@@ -143,8 +143,8 @@ def _report(files: list[str]) -> int:
 
 
 def _models() -> int:
-    from agents.bundled import BUNDLED
-    from agents.model_cache import cache_dir
+    from latent_relay.agents.bundled import BUNDLED
+    from latent_relay.agents.model_cache import cache_dir
 
     for name, spec in BUNDLED.items():
         default = " (default)" if name == DEFAULT_MODEL else ""
@@ -160,9 +160,9 @@ def _modes(args) -> list[str]:
 
 
 def _run(args) -> int:
-    from benchmarks.tasks import get_task
-    from relay.graph import build_graph
-    from relay.results import ResultWriter, summarize
+    from latent_relay.benchmarks.tasks import get_task
+    from latent_relay.relay.graph import build_graph
+    from latent_relay.relay.results import ResultWriter, summarize
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
@@ -194,7 +194,7 @@ def _run(args) -> int:
         results += _run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
         print(f"[{mode}] {len(todo)} items in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     if args.resume and args.out:
-        from relay.results import read_results
+        from latent_relay.relay.results import read_results
 
         ids = {str(it.id) for it in items}
         results = [r for r in read_results(args.out) if r.relay in modes and r.item_id in ids]
@@ -207,17 +207,17 @@ def _run(args) -> int:
 
 
 def _runtime(args):
-    from agents.decoding import DecodeConfig
-    from agents.latent import LatentInput
-    from agents.models import resolve_model
-    from agents.runner import ModelRunner
-    from relay.runtime.local import LocalRuntime
-    from relay.runtime.node import NodeExecutor
+    from latent_relay.agents.decoding import DecodeConfig
+    from latent_relay.agents.latent import LatentInput
+    from latent_relay.agents.models import resolve_model
+    from latent_relay.agents.runner import ModelRunner
+    from latent_relay.relay.runtime.local import LocalRuntime
+    from latent_relay.relay.runtime.node import NodeExecutor
 
     latent = LatentInput(args.latent_input, temperature=args.soft_temperature)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
     if args.runtime == "ray":
-        from relay.runtime.ray_runtime import HostModel, RayRuntime
+        from latent_relay.relay.runtime.ray_runtime import HostModel, RayRuntime
 
         return RayRuntime(
             HostModel(ref=args.model, dtype=args.dtype),

@@ -17,7 +17,7 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.decoding import DecodeConfig
+from latent_relay.agents.decoding import DecodeConfig
 
 
 class GraphError(ValueError):
@@ -72,7 +72,7 @@ class Edge(_Strict):
         if value == "text" or value == "latent":
             return value
         if value.startswith("latent+"):
-            from compression import parse_recipe
+            from latent_relay.compression.recipes import parse_recipe
 
             try:
                 return "latent+" + parse_recipe(value[len("latent+") :]).canonical

@@ -34,8 +34,8 @@ class Segment(IntEnum):
 
 #: Makes the tensors of a memory about to be built, uninitialised, from their ``(shape, dtype)`` in the memory's
 #: tensor order (segment, agent, position, then each layer's keys and values) and the device; or returns ``None``
-#: to leave the allocation to the builder. A sender passes one (:class:`relay.wire.PacketArena`) so that a memory is
-#: built straight inside the packet that will carry it.
+#: to leave the allocation to the builder. A sender passes one (:class:`latent_relay.relay.wire.PacketArena`) so that a
+#: memory is built straight inside the packet that will carry it.
 TensorAllocator = Callable[[Sequence[tuple[tuple[int, ...], torch.dtype]], torch.device], Sequence[torch.Tensor] | None]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.memory import KVState
+from latent_relay.relay.memory import KVState
 
 
 @dataclass

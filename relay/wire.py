@@ -17,8 +17,8 @@ A packet is one contiguous buffer (all integers little-endian)::
 The header names the message kind, sender, model fingerprint, dtype, layers, KV heads, head dim, the token
 table's agents, the applied recipe, quantization parameters and, per frame, dtype / shape / offset / size.
 The token table (segment, agent, position) and every key / value tensor (or the packed codes, scales and zeros
-of a KIVI-quantized memory, :mod:`compression.quant`) are frames, in a fixed order: the table, then per layer
-its key and value frames. The header implies every frame's dtype, shape and offset, so a decoder accepts exactly
+of a KIVI-quantized memory, :mod:`latent_relay.compression.quant`) are frames, in a fixed order: the table, then per
+layer its key and value frames. The header implies every frame's dtype, shape and offset, so a decoder accepts exactly
 one frame table (compared in one step) and builds each per-layer column of frames as one strided view of the
 payload. Encoding writes each payload byte once, straight into the new packet, checksumming it while it is in
 cache (:func:`_build`). A sender can also build the memory inside the packet in the first place
@@ -52,9 +52,9 @@ import torch
 import xxhash
 import zstandard
 
-from relay.memory import KVState, MemoryError_, Segment
-from relay.messages import LatentMessage, TextMessage
-from relay.threads import available_cpus, shared_pool
+from latent_relay.relay.memory import KVState, MemoryError_, Segment
+from latent_relay.relay.messages import LatentMessage, TextMessage
+from latent_relay.relay.threads import available_cpus, shared_pool
 
 MAGIC = b"LRLY"
 FORMAT_VERSION = 3  # 2: chunked (tree) checksum; 3: header padding (packets built in place)
@@ -436,12 +436,13 @@ class PacketArena:
     """The buffer of one future packet, for a memory to be built in before it is encoded (zero-copy encode).
 
     Copying the frames into a new packet is about half of what :func:`encode` costs (``benchmarks/codec.py``). A
-    sender instead hands :meth:`allocate` to :func:`compression.compress` (a :data:`relay.memory.TensorAllocator`):
-    the packed memory's tensors are then views of this arena's payload, placed as :func:`encode` places frames,
-    and ``encode(message, into=arena)`` only writes the header, the zero bytes between frames and the checksum
-    around them. The arena reserves the frame table's share of the header plus ``head_room`` bytes; the header's
-    unused part travels as header padding (zero bytes, at most ``head_room`` + 63 per packet). Memories under
-    ``min_bytes`` of frames, or not on the CPU, are left to the caller to allocate: their copy is cheap.
+    sender instead hands :meth:`allocate` to :func:`compression.compress` (a
+    :data:`latent_relay.relay.memory.TensorAllocator`): the packed memory's tensors are then views of this arena's
+    payload, placed as :func:`encode` places frames, and ``encode(message, into=arena)`` only writes the header, the
+    zero bytes between frames and the checksum around them. The arena reserves the frame table's share of the header
+    plus ``head_room`` bytes; the header's unused part travels as header padding (zero bytes, at most ``head_room`` + 63
+    per packet). Memories under ``min_bytes`` of frames, or not on the CPU, are left to the caller to allocate: their
+    copy is cheap.
 
     The views start uninitialised: the builder writes every element of them (``gather_selection`` does), or the
     packet would carry stale heap bytes. One arena makes one packet. After it the packet is the memory's storage:
@@ -712,8 +713,8 @@ def _layout(header: dict, limits: WireLimits) -> _Layout:
         return _Layout(table, (("k", "", dtype, shape), ("v", "", dtype, shape)), layers)
     if kind != "quantized":
         raise HeaderError(f"memory kind {kind!r} is neither 'kv' nor 'quantized'")
-    from compression.quant import group_layout
-    from kernels import SUPPORTED_BITS, packed_width
+    from latent_relay.compression.quant import group_layout
+    from latent_relay.kernels.reference import SUPPORTED_BITS, packed_width
 
     quant = _field(header, "quant", dict, optional=True)
     if quant is None:
@@ -853,7 +854,7 @@ def _latent(packet: _Packet, limits: WireLimits, expect_fingerprint: str | None)
 
 def _quantized(h: dict, columns: list, table: dict[str, torch.Tensor], agents: list[str], fingerprint: str):
     """A QuantizedMemory from the six per-layer columns (key data / scale / zero, then the value's)."""
-    from compression.quant import QuantizedMemory, QuantizedTensor
+    from latent_relay.compression.quant import QuantizedMemory, QuantizedTensor
 
     shape = (h["batch"], h["kv_heads"], h["tokens"], h["head_dim"])
     quant = h.get("quant") or {}

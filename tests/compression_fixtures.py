@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from relay.memory import KVState, Segment
-from relay.observation import Observation
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.observation import Observation
 
 
 @dataclass(frozen=True)

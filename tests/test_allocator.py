@@ -1,4 +1,4 @@
-"""relay.runtime.allocator: a host's C allocator keeps packet-sized blocks for reuse (issue 4)."""
+"""latent_relay.relay.runtime.allocator: a host's C allocator keeps packet-sized blocks for reuse (issue 4)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from relay.runtime.allocator import MAX_MMAP_THRESHOLD, retain_freed_memory
+from latent_relay.relay.runtime.allocator import MAX_MMAP_THRESHOLD, retain_freed_memory
 
 # In a child process: the setting is process-wide and permanent. After it, freeing and allocating packet-sized
 # blocks (with other frees in between, as torch's are in a hop) takes no new pages: the heap is reused.
 CHILD = """
 import resource, sys
-from relay.runtime.allocator import retain_freed_memory
+from latent_relay.relay.runtime.allocator import retain_freed_memory
 applied = retain_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 packet = b"x" * (22 << 20)
@@ -35,8 +35,15 @@ def test_freed_packet_memory_is_reused():
     assert int(out[1]) < 100  # five 22 MiB packets would otherwise map in 5 x 5,632 pages
 
 
-@pytest.mark.parametrize("kwargs", [{"mmap_threshold": 0}, {"mmap_threshold": MAX_MMAP_THRESHOLD + 1},
-                                    {"trim_threshold": -1}, {"trim_threshold": 1 << 31}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mmap_threshold": 0},
+        {"mmap_threshold": MAX_MMAP_THRESHOLD + 1},
+        {"trim_threshold": -1},
+        {"trim_threshold": 1 << 31},
+    ],
+)
 def test_bad_thresholds_are_refused(kwargs):
     with pytest.raises(ValueError, match="threshold"):
         retain_freed_memory(**kwargs)

@@ -16,13 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["benchmarks.codec", "--quick", "--repeats", "1"], ["raw encode + decode vs memcpy", "hops again"]),
-        (["benchmarks.compression_overhead", "--quick", "--rounds", "1"], ["L-OBF loop (paper)", "relative |delta|"]),
-        (["benchmarks.ray_transport", "--quick", "--repeats", "1"], ["numpy / bytes", "relay hop between two hosts"]),
+        (["codec", "--quick", "--repeats", "1"], ["raw encode + decode vs memcpy", "hops again"]),
+        (["compression_overhead", "--quick", "--rounds", "1"], ["L-OBF loop (paper)", "relative |delta|"]),
+        (["ray_transport", "--quick", "--repeats", "1"], ["numpy / bytes", "relay hop between two hosts"]),
     ],
 )
 def test_quick_benchmark_runs(args, expect):
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    module, *options = args
+    command = [sys.executable, "-m", f"latent_relay.benchmarks.{module}", *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     for text in expect:
         assert text in done.stdout
@@ -31,7 +33,7 @@ def test_quick_benchmark_runs(args, expect):
 def test_compression_overhead_asks_for_a_gpu_it_cannot_see():
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device; the GPU run is a device check, not a unit test")
-    args = ["benchmarks.compression_overhead", "--quick", "--device", "cuda"]
+    args = ["latent_relay.benchmarks.compression_overhead", "--quick", "--device", "cuda"]
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2
     assert "torch sees no CUDA device" in done.stderr

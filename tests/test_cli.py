@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _relay(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "relay.cli", *args]
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "latent_relay.relay.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
@@ -42,7 +42,7 @@ def test_invalid_graph_and_recipe():
 
 def test_gguf_checksum_mismatch_is_refused():
     pytest.importorskip("gguf")
-    from agents.bundled import BUNDLED, locate_files
+    from latent_relay.agents.bundled import BUNDLED, locate_files
 
     try:
         locate_files(BUNDLED["smollm2-135m"])
@@ -50,10 +50,10 @@ def test_gguf_checksum_mismatch_is_refused():
         pytest.skip("bundled smollm2 package not installed")
     code = (
         "import sys, dataclasses\n"
-        "from agents import bundled\n"
+        "from latent_relay.agents import bundled\n"
         "spec = bundled.BUNDLED['smollm2-135m']\n"
         "bundled.BUNDLED['smollm2-135m'] = dataclasses.replace(spec, sha256='0' * 64)\n"
-        "from relay.cli import main\n"
+        "from latent_relay.relay.cli import main\n"
         "sys.exit(main(['run', '--model', 'smollm2-135m', '--n', '1', '--quiet']))\n"
     )
     _one_line_error(_relay(code=code), "0000000000", "b179c9523d0e")
@@ -67,7 +67,7 @@ def test_inspect_rejects_garbage(tmp_path):
 
 
 def test_report_prints_one_row_per_relay_mode(tmp_path):
-    from relay.results import ItemResult, ResultWriter
+    from latent_relay.relay.results import ItemResult, ResultWriter
 
     out = tmp_path / "r.jsonl"
     writer = ResultWriter(out)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from compression.backfill import (
+from latent_relay.compression.backfill import (
     ABLATIONS,
     BackfillConfig,
     apply_backfill,
@@ -18,10 +18,10 @@ from compression.backfill import (
     orthogonal_backfill,
     top_directions_subspace,
 )
-from compression.scores import compute_scores
-from compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
-from kernels.dispatch import backend_override
-from relay.memory import Segment
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
+from latent_relay.kernels.dispatch import backend_override
+from latent_relay.relay.memory import Segment
 from tests.compression_fixtures import Layout, build_memory, layouts
 
 #: the fast solver's steps run in the compiled CPU kernels where they apply ("auto") or in their torch twins
@@ -341,7 +341,7 @@ def test_layer_residual_gram_matches_the_explicit_residual(nearly_in_span):
 def test_layer_groups_give_the_same_answer(monkeypatch, solver):
     """The Gram solvers work a group of layers at a time; any grouping (uneven last group included) gives the same
     shifts and norms as one group of all layers."""
-    import compression.backfill as backfill
+    import latent_relay.compression.backfill as backfill
 
     lay = Layout(batch=2, layers=5, heads=2, head_dim=16, prompts=(20, 14), seed=3)
     memory, scores, selection = setup(lay, 5, layerwise=False)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression import available_methods, compress, parse_recipe
-from relay import wire
-from relay.memory import KVState, Segment
-from relay.messages import LatentMessage
-from relay.observation import Observation
+from latent_relay.compression.recipes import available_methods, compress, parse_recipe
+from latent_relay.relay import wire
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.messages import LatentMessage
+from latent_relay.relay.observation import Observation
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,3 +159,52 @@ def test_recipe_built_inside_its_packet(tiny, recipe):
     decoded = wire.decode(packet).memory
     for a, b in zip(_tensors(plain), _tensors(decoded), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", _method_recipes())
+def test_recipe_on_a_model_edge(recipe):
+    """Every contract recipe on a latent edge of a graph run by the local runtime on a model: the runtime hands a
+    recipe what it needs (the observation; the model's output projections for ``value=wo``), so no record fails."""
+    from latent_relay.agents.decoding import DecodeConfig
+    from latent_relay.agents.latent import LatentInput
+    from latent_relay.agents.models import tiny_model
+    from latent_relay.agents.runner import ModelRunner
+    from latent_relay.relay.graph import sequential
+    from latent_relay.relay.runtime.local import LocalRuntime
+    from latent_relay.relay.runtime.node import NodeExecutor
+    from tests.tiny_agents import ITEMS, ByteTokenizer, FakeTask
+
+    loaded = tiny_model("qwen2", 1)
+    runner = ModelRunner(loaded.model, ByteTokenizer(), loaded.fingerprint, LatentInput("soft"))
+    runtime = LocalRuntime(NodeExecutor(runner, DecodeConfig(max_new_tokens=4)), model_name=loaded.name)
+    graph = sequential(f"latent+{recipe}", latent_steps=2)
+    records = runtime.run(graph, FakeTask(), ITEMS[:2], f"latent+{recipe}", batch_size=2)
+    assert [r.error for r in records] == [None, None]
+    for record in records:
+        metrics = list(record.edge_metrics.values())
+        assert len(metrics) == 3 and all(m["recipe"] == parse_recipe(recipe).canonical for m in metrics)
+
+
+def test_value_wo_names_what_a_model_lacks():
+    from latent_relay.agents.runner import ModelRunner
+
+    class NoOutputProjection(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def get_decoder(self):
+            return torch.nn.Module()  # no .layers
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+    from latent_relay.agents.models import tiny_model
+
+    runner = ModelRunner(NoOutputProjection(tiny_model("llama").model))
+    with pytest.raises(ValueError, match="value=wo needs each decoder layer's self_attn.o_proj"):
+        runner.output_projections()
+    assert len(ModelRunner(tiny_model("llama").model).output_projections()) == 2

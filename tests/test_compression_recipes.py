@@ -7,10 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression import RecipeError, available_methods, compress, parse_recipe
-from compression.backfill import BackfillConfig
-from compression.recipes import REGISTRY, HeadwiseOBF, LayerwiseOBF
-from relay.memory import KVState, Segment
+from latent_relay.compression.backfill import BackfillConfig
+from latent_relay.compression.recipes import (
+    REGISTRY,
+    HeadwiseOBF,
+    LayerwiseOBF,
+    RecipeError,
+    available_methods,
+    compress,
+    parse_recipe,
+)
+from latent_relay.relay.memory import KVState, Segment
 from tests.compression_fixtures import Layout, build_memory
 
 OPTION_VALUES = {
@@ -159,9 +166,9 @@ def test_value_wo_uses_the_supplied_output_projection():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_recipes_pack_last(bits):
-    quant = pytest.importorskip("compression.quant")
+    quant = pytest.importorskip("latent_relay.compression.quant")
     if not hasattr(quant, "quantize_memory"):
-        pytest.skip("compression.quant.quantize_memory not available yet")
+        pytest.skip("latent_relay.compression.quant.quantize_memory not available yet")
     memory, obs = build_memory(Layout(prompts=(12, 7)))
     packed, metrics = compress(memory, obs, f"h-obf:budget=3+int{bits}")
     plain, _ = compress(memory, obs, "h-obf:budget=3")

@@ -6,15 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from compression.scores import (
+from latent_relay.compression.scores import (
     compute_scores,
     latent_attention_scores,
     output_value_norms,
     pool_scores,
     value_norms,
 )
-from relay.memory import MemoryError_
-from relay.observation import Observation
+from latent_relay.relay.memory import MemoryError_
+from latent_relay.relay.observation import Observation
 from tests.compression_fixtures import Layout, build_memory, layouts
 
 

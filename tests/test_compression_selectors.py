@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression.scores import compute_scores
-from compression.selectors import (
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import (
     current_agent_index,
     gather_selection,
     prompt_mask,
@@ -16,7 +16,7 @@ from compression.selectors import (
     select_headwise,
     select_layerwise,
 )
-from relay.memory import KVState, Segment
+from latent_relay.relay.memory import KVState, Segment
 from tests.compression_fixtures import Layout, build_memory, layouts
 from tests.fuzz.packets import memory_tensors
 

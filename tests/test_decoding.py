@@ -2,9 +2,9 @@
 
 import torch
 
-from agents.decoding import DecodeConfig, TokenPicker
-from agents.models import tiny_model
-from agents.runner import ModelRunner
+from latent_relay.agents.decoding import DecodeConfig, TokenPicker
+from latent_relay.agents.models import tiny_model
+from latent_relay.agents.runner import ModelRunner
 
 
 class CharTokenizer:

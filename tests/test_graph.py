@@ -2,7 +2,7 @@
 
 import pytest
 
-from relay.graph import AgentGraph, Edge, GraphError, Node, build_graph, hierarchical, sequential, single
+from latent_relay.relay.graph import AgentGraph, Edge, GraphError, Node, build_graph, hierarchical, sequential, single
 
 
 def test_builders():

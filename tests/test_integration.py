@@ -2,18 +2,18 @@
 
 import pytest
 
-from agents.decoding import DecodeConfig
-from agents.runner import ModelRunner
-from benchmarks.tasks import get_task
-from relay.graph import sequential
-from relay.runtime.local import LocalRuntime
-from relay.runtime.node import NodeExecutor
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.benchmarks.tasks import get_task
+from latent_relay.relay.graph import sequential
+from latent_relay.relay.runtime.local import LocalRuntime
+from latent_relay.relay.runtime.node import NodeExecutor
 
 
 @pytest.fixture(scope="module")
 def runtime():
-    from agents.model_errors import ModelReferenceError
-    from agents.models import resolve_model
+    from latent_relay.agents.model_errors import ModelReferenceError
+    from latent_relay.agents.models import resolve_model
 
     try:
         loaded = resolve_model("smollm2-135m")
@@ -23,7 +23,9 @@ def runtime():
     return LocalRuntime(NodeExecutor(runner, DecodeConfig(max_new_tokens=24)), model_name=loaded.name)
 
 
-@pytest.mark.parametrize("relay", ["text", "latent", "latent+h-obf:budget=16,rank=2+int8"])
+@pytest.mark.parametrize(
+    "relay", ["text", "latent", "latent+h-obf:budget=16,rank=2+int8", "latent+h:budget=16,value=wo"]
+)
 def test_sequential_graph_end_to_end(runtime, relay):
     task = get_task("gsm8k")
     items = task.load(2)
@@ -61,7 +63,7 @@ def test_a_sender_builds_compressed_packets_in_place(runtime, monkeypatch):
 
     import torch
 
-    from relay import wire
+    from latent_relay.relay import wire
 
     monkeypatch.setattr(wire, "PacketArena", functools.partial(wire.PacketArena, min_bytes=0))
     task = get_task("gsm8k")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch, reference
+from latent_relay.kernels import dispatch, reference
 
 
 def test_fp16_directed_rounding_brackets_the_input():
@@ -53,11 +52,11 @@ def test_dispatch_picks_torch_on_cpu_and_honours_overrides(monkeypatch):
 
 def test_dispatch_validates_shapes():
     with pytest.raises(ValueError):
-        kernels.quantize_pack(torch.zeros(3), None, 8)
+        dispatch.quantize_pack(torch.zeros(3), None, 8)
     with pytest.raises(ValueError):
-        kernels.quantize_pack(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool), 8)
+        dispatch.quantize_pack(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool), 8)
     with pytest.raises(ValueError):
-        kernels.unpack_dequantize(
+        dispatch.unpack_dequantize(
             torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(3), torch.zeros(3), 8, 3, torch.float32
         )
 

@@ -10,8 +10,14 @@ import warnings
 import pytest
 import torch
 
-from kernels import native
-from kernels.obf import evicted_gram, evicted_gram_ref, project_gram, project_gram_ref, top_directions_native
+from latent_relay.kernels import native
+from latent_relay.kernels.obf import (
+    evicted_gram,
+    evicted_gram_ref,
+    project_gram,
+    project_gram_ref,
+    top_directions_native,
+)
 
 needs_native = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64")
@@ -148,7 +154,7 @@ def _psd(n, d, decay, seed=0, rank=None):
 
 
 def _start(d, width):
-    from compression.backfill import _start_block
+    from latent_relay.compression.backfill import _start_block
 
     return _start_block(d, width, 0, "cpu", torch.float32).mT
 
@@ -156,7 +162,7 @@ def _start(d, width):
 @needs_native
 @pytest.mark.parametrize(("d", "p", "decay"), [(128, 4, 0.9), (64, 2, 0.8), (16, 4, 0.7)])
 def test_native_top_directions_match_the_eigenvectors_and_the_torch_twin(d, p, decay):
-    from compression.backfill import BackfillConfig, top_directions_subspace
+    from latent_relay.compression.backfill import BackfillConfig, top_directions_subspace
 
     gram, q = _psd(24, d, decay)
     width = min(d, p + 10)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from agents.latent import LatentInput, realignment_matrix
-from agents.models import tiny_model
-from agents.runner import ModelRunner
+from latent_relay.agents.latent import LatentInput, realignment_matrix
+from latent_relay.agents.models import tiny_model
+from latent_relay.agents.runner import ModelRunner
 
 
 def test_realignment_matrix_is_the_ridge_solution():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from agents.batching import split_memory, stack_memories
-from agents.models import tiny_model
-from agents.runner import ModelRunner
-from relay.memory import IncompatibleMemoryError, KVState, MemoryError_, Segment, concat_memories
+from latent_relay.agents.batching import split_memory, stack_memories
+from latent_relay.agents.models import tiny_model
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.relay.memory import IncompatibleMemoryError, KVState, MemoryError_, Segment, concat_memories
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -136,8 +136,10 @@ def test_bad_memories_are_refused():
 )
 def test_every_layer_is_checked_against_the_token_table(change):
     m = KVState(
-        keys=[torch.zeros(1, 2, 3, 8)] * 2, values=[torch.zeros(1, 2, 3, 8)] * 2,
-        segment=torch.zeros(1, 3, dtype=torch.int8), agent=torch.zeros(1, 3, dtype=torch.int16),
+        keys=[torch.zeros(1, 2, 3, 8)] * 2,
+        values=[torch.zeros(1, 2, 3, 8)] * 2,
+        segment=torch.zeros(1, 3, dtype=torch.int8),
+        agent=torch.zeros(1, 3, dtype=torch.int16),
         position=torch.arange(3)[None],
     )
     keys, values = change(m.keys, m.values)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import agents.models as models
-from agents.bundled import BUNDLED, BundledModel, DataFile, locate_files
-from agents.fingerprint import model_fingerprint, parameter_sample
-from agents.gguf_convert import concatenate_verified
-from agents.model_cache import COMPLETE_MARKER, build_once, cache_dir, cached_sha256
-from agents.models import (
+import latent_relay.agents.models as models
+from latent_relay.agents.bundled import BUNDLED, BundledModel, DataFile, locate_files
+from latent_relay.agents.fingerprint import model_fingerprint, parameter_sample
+from latent_relay.agents.gguf_convert import concatenate_verified
+from latent_relay.agents.model_cache import COMPLETE_MARKER, build_once, cache_dir, cached_sha256
+from latent_relay.agents.models import (
     BundledModelNotInstalledError,
     ChecksumMismatchError,
     ModelReferenceError,
@@ -250,7 +250,7 @@ RACER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from agents.model_cache import build_once
+    from latent_relay.agents.model_cache import build_once
 
     final, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     (go.parent / f"ready-{{os.getpid()}}").touch()

@@ -2,13 +2,13 @@
 
 import pytest
 
-from agents.prompts import agent_message, chat_ids
+from latent_relay.agents.prompts import agent_message, chat_ids
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from agents.model_errors import ModelReferenceError
-    from agents.models import resolve_model
+    from latent_relay.agents.model_errors import ModelReferenceError
+    from latent_relay.agents.models import resolve_model
 
     try:
         return resolve_model("smollm2-135m").tokenizer

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression.quant import QuantizedTensor, dequantize, quantize, quantize_memory
-from relay.memory import Segment
+from latent_relay.compression.quant import QuantizedTensor, dequantize, quantize, quantize_memory
+from latent_relay.relay.memory import Segment
 from tests.fuzz.packets import make_memory
 
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -10,65 +10,29 @@ import platform
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
-from agents.decoding import DecodeConfig  # noqa: E402
-from agents.latent import LatentInput  # noqa: E402
-from agents.models import tiny_model  # noqa: E402
-from agents.runner import ModelRunner  # noqa: E402
-from relay.graph import AgentGraph, Edge, Node, sequential  # noqa: E402
-from relay.results import ResultWriter, read_results  # noqa: E402
-from relay.runtime.local import LocalRuntime  # noqa: E402
-from relay.runtime.node import NodeExecutor  # noqa: E402
-from relay.runtime.ray_runtime import HostModel, PlacementError, RayRuntime, start_local_cluster  # noqa: E402
+from latent_relay.agents.decoding import DecodeConfig  # noqa: E402
+from latent_relay.agents.latent import LatentInput  # noqa: E402
+from latent_relay.agents.models import tiny_model  # noqa: E402
+from latent_relay.agents.runner import ModelRunner  # noqa: E402
+from latent_relay.relay.graph import AgentGraph, Edge, Node, sequential  # noqa: E402
+from latent_relay.relay.results import ResultWriter, read_results  # noqa: E402
+from latent_relay.relay.runtime.local import LocalRuntime  # noqa: E402
+from latent_relay.relay.runtime.node import NodeExecutor  # noqa: E402
+from latent_relay.relay.runtime.ray_runtime import HostModel, PlacementError, RayRuntime, start_local_cluster  # noqa: E402
+from tests.tiny_agents import ITEMS, ByteTokenizer, FakeTask, Item  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 ray = None  # imported by the cluster fixture, after the runtime has prepared the loopback-only setting
-ARCH, SEED, VOCAB = "llama", 3, 256
+ARCH, SEED = "llama", 3
 DECODE = DecodeConfig(max_new_tokens=8)
 LATENT = LatentInput("soft")
-
-
-class ByteTokenizer:
-    """A tokenizer stand-in for tiny models: UTF-8 bytes modulo the vocabulary."""
-
-    chat_template = None
-    pad_token_id = None
-    eos_token_id = None
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [b % VOCAB for b in text.encode("utf-8")]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    question: str
-    gold: str
-
-
-class FakeTask:
-    """GSM8K-like: a word problem, an integer answer, correct when the answer text contains it."""
-
-    name = "gsm8k-like"
-    answer_format = "End with: The answer is <number>."
-
-    def score(self, item: Item, text: str) -> bool:
-        return item.gold in text
-
-
-ITEMS = [
-    Item(f"q{i}", f"Tom has {i + 2} apples and buys {3 * i + 1} more. How many now?", str(4 * i + 3)) for i in range(8)
-]
 
 
 def _host_model() -> HostModel:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import zstandard
 
-from compression.quant import quantize_memory
-from relay import wire
-from relay.messages import LatentMessage, TextMessage
-from relay.wire import (
+from latent_relay.compression.quant import quantize_memory
+from latent_relay.relay import wire
+from latent_relay.relay.messages import LatentMessage, TextMessage
+from latent_relay.relay.wire import (
     ChecksumError,
     HeaderError,
     LimitExceededError,
@@ -168,7 +168,7 @@ def test_checksum_tree_over_chunks(monkeypatch, chunk, step):
     assert type(packet) is bytes
     header_len = wire.PREFIX.unpack_from(packet)[3]
     start = wire._align(wire.PREFIX.size + header_len)
-    payload = packet[start:-wire.DIGEST_SIZE]
+    payload = packet[start : -wire.DIGEST_SIZE]
     assert len(payload) > 3 * chunk
     frames = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + header_len])
     expected, end = bytearray(), 0

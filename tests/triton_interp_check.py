@@ -14,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 
-from kernels import dispatch, reference  # noqa: E402
+from latent_relay.kernels import dispatch, reference  # noqa: E402
 
 
 def main() -> int:

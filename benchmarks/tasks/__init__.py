@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from benchmarks.tasks.base import Task, TaskItem
-from benchmarks.tasks.data import DataNotFoundError
-from benchmarks.tasks.gsm8k import GSM8K
-from benchmarks.tasks.humaneval import HumanEval
-from benchmarks.tasks.medqa import MedQA
+from latent_relay.benchmarks.tasks.base import Task, TaskItem
+from latent_relay.benchmarks.tasks.data import DataNotFoundError
+from latent_relay.benchmarks.tasks.gsm8k import GSM8K
+from latent_relay.benchmarks.tasks.humaneval import HumanEval
+from latent_relay.benchmarks.tasks.medqa import MedQA
 
 TASKS: dict[str, Callable[[], Task]] = {"gsm8k": GSM8K, "humaneval": HumanEval, "medqa": MedQA}
 

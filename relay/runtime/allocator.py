@@ -4,8 +4,8 @@ Every message that leaves a host is encoded into a packet, a new ``bytes`` objec
 memory (7.6 MB for a Qwen2.5-0.5B-shaped batch, 22.6 MB for a Qwen3-4B-shaped item at ``h-obf:budget=32``), which
 is freed once the object store holds its copy. With glibc's defaults such a block is often given back to the
 operating system when it is freed (``munmap`` or a heap trim) and the next packet's pages are faulted in again
-while encode writes them: ``python -m benchmarks.codec`` saw about 5,500 page faults on some 22.6 MB encodes
-(14 ms against 5 ms without them), and giving a freed 40 MiB mapping back took 4-6 ms in an ad-hoc timing.
+while encode writes them: ``python -m latent_relay.benchmarks.codec`` saw about 5,500 page faults on some 22.6 MB
+encodes (14 ms against 5 ms without them), and giving a freed 40 MiB mapping back took 4-6 ms in an ad-hoc timing.
 
 A host is a long-lived process that holds a model's weights, so keeping some freed heap is cheap.
 :func:`retain_freed_memory` asks glibc to serve blocks up to 32 MiB from the heap and to keep up to

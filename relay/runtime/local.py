@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from relay.graph import AgentGraph
-from relay.results import ItemResult, ResultWriter
-from relay.runtime.node import NodeExecutor
+from latent_relay.relay.graph import AgentGraph
+from latent_relay.relay.results import ItemResult, ResultWriter
+from latent_relay.relay.runtime.node import NodeExecutor
 
 log = logging.getLogger("relay")
 

@@ -12,12 +12,12 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from agents.decoding import DecodeConfig
-from agents.prompts import agent_message, chat_ids
-from agents.runner import ModelRunner
-from relay.graph import AgentGraph
-from relay.memory import concat_memories
-from relay.messages import LatentMessage, TextMessage
+from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.agents.prompts import agent_message, chat_ids
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.relay.graph import AgentGraph
+from latent_relay.relay.memory import concat_memories
+from latent_relay.relay.messages import LatentMessage, TextMessage
 
 Message = TextMessage | LatentMessage
 
@@ -61,7 +61,7 @@ class NodeExecutor:
 
         Every message is measured by its wire size; only the edges named in ``keep_packets`` (those that cross to
         another process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
-        from relay.wire import PacketArena, encode, encoded_size
+        from latent_relay.relay.wire import PacketArena, encode, encoded_size
 
         start = time.perf_counter()
         node = graph.node(name)
@@ -109,12 +109,13 @@ class NodeExecutor:
         result.seconds = time.perf_counter() - start
         return result
 
-    @staticmethod
-    def _latent_message(sender, memory, observations, b, recipe, arena=None):
+    def _latent_message(self, sender, memory, observations, b, recipe, arena=None):
         if not recipe:
             return LatentMessage(sender, memory), {}
-        from compression import compress
+        from latent_relay.compression.recipes import compress, parse_recipe
 
         observation = observations[b] if observations is not None else None
-        packed, metrics = compress(memory, observation, recipe, allocate=arena.allocate if arena else None)
+        output_proj = self.runner.output_projections() if parse_recipe(recipe).needs_output_proj else None
+        allocate = arena.allocate if arena else None
+        packed, metrics = compress(memory, observation, recipe, output_proj=output_proj, allocate=allocate)
         return LatentMessage(sender, packed, recipe=recipe, metrics=metrics), metrics

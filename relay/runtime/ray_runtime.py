@@ -1,10 +1,10 @@
 """The Ray runtime: graph nodes placed on model hosts (Ray actors), many item batches in flight at once.
 
-A :class:`ModelHost` actor holds one model and a :class:`~relay.runtime.node.NodeExecutor` and runs node steps
-for batches of items. :class:`RayRuntime` places the graph's nodes on hosts (all on one, one per node, or a
+A :class:`ModelHost` actor holds one model and a :class:`~latent_relay.relay.runtime.node.NodeExecutor` and runs node
+steps for batches of items. :class:`RayRuntime` places the graph's nodes on hosts (all on one, one per node, or a
 user's map) and schedules every batch through the graph in topological order:
 
-- a message between two hosts travels as encoded packets (:func:`relay.wire.encode`) through Ray's object
+- a message between two hosts travels as encoded packets (:func:`latent_relay.relay.wire.encode`) through Ray's object
   store, straight from the producing host to the consuming one (the driver only handles object references);
 - a hand-off inside one host stays in the host's memory (no serialization), and its ``edge_bytes`` still
   report the packet size it would have cost (the executor measures every message);
@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.graph import AgentGraph, GraphError
-from relay.results import ItemResult, ResultWriter
-from relay.runtime.local import batches
+from latent_relay.relay.graph import AgentGraph, GraphError
+from latent_relay.relay.results import ItemResult, ResultWriter
+from latent_relay.relay.runtime.local import batches
 
 log = logging.getLogger("relay")
 
@@ -70,12 +70,18 @@ def _import_ray(loopback: bool):
     return ray
 
 
-def start_local_cluster(num_cpus: int | None = None, object_store_memory: int | None = 512 * 1024**2,
-                        **init_options) -> None:
+def start_local_cluster(
+    num_cpus: int | None = None, object_store_memory: int | None = 512 * 1024**2, **init_options
+) -> None:
     """Start a private Ray cluster in this process that listens on the loopback interface only."""
     _import_ray(loopback=True)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             object_store_memory=object_store_memory, **{"logging_level": logging.WARNING, **init_options})
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        **{"logging_level": logging.WARNING, **init_options},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -98,7 +104,7 @@ class LostMessageError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ models
 @dataclass(frozen=True)
 class HostModel:
-    """What a host loads: a model reference (:func:`agents.models.resolve_model`) or a tiny random model.
+    """What a host loads: a model reference (:func:`latent_relay.agents.models.resolve_model`) or a tiny random model.
 
     ``tokenizer`` replaces the model's own tokenizer (tiny models have none; tests give a stand-in). It must
     be picklable, as it travels to the host.
@@ -122,13 +128,13 @@ class HostModel:
         if self.tiny_arch:
             import torch
 
-            from agents.models import tiny_model
+            from latent_relay.agents.models import tiny_model
 
             loaded = tiny_model(self.tiny_arch, self.tiny_seed)
             if device != "cpu":
                 loaded.model.to(torch.device(device))
         else:
-            from agents.models import resolve_model
+            from latent_relay.agents.models import resolve_model
 
             loaded = resolve_model(self.ref, device=device, dtype=self.dtype)
         tokenizer = self.tokenizer if self.tokenizer is not None else loaded.tokenizer
@@ -152,8 +158,9 @@ class ModelHost:
     returns the step's measurements plus one list of per-item packets per edge to another host.
     """
 
-    def __init__(self, name: str, model: HostModel, latent=None, decode=None, device: str = "cpu",
-                 threads: int | None = None):
+    def __init__(
+        self, name: str, model: HostModel, latent=None, decode=None, device: str = "cpu", threads: int | None = None
+    ):
         self.name = name
         self.error: BaseException | None = None
         self.store: dict[str, list] = {}
@@ -161,9 +168,9 @@ class ModelHost:
         try:  # a load failure is reported by info(), with its own type, instead of killing the actor
             import torch
 
-            from agents.runner import ModelRunner
-            from relay.runtime.allocator import retain_freed_memory
-            from relay.runtime.node import NodeExecutor
+            from latent_relay.agents.runner import ModelRunner
+            from latent_relay.relay.runtime.allocator import retain_freed_memory
+            from latent_relay.relay.runtime.node import NodeExecutor
 
             self.info_["allocator_retains_memory"] = retain_freed_memory()  # packet memory reused hop to hop
             if threads:
@@ -180,13 +187,22 @@ class ModelHost:
             raise self.error
         return dict(self.info_)
 
-    def step(self, run_key: str, graph: AgentGraph, name: str, questions: list[str], answer_format: str,
-             inputs: list[tuple[str, Any]], exports: list[str], *packets: list):
+    def step(
+        self,
+        run_key: str,
+        graph: AgentGraph,
+        name: str,
+        questions: list[str],
+        answer_format: str,
+        inputs: list[tuple[str, Any]],
+        exports: list[str],
+        *packets: list,
+    ):
         """Run node ``name`` for one batch. ``inputs[i]`` is ``("local", edge)`` or ``("remote", j)``: the
         edge's messages are in this host's store, or are ``packets[j]``. Returns ``(meta, *packet_lists)``,
         one packet list per edge in ``exports`` (packets as numpy views, see :func:`out_of_band`); other
         out-edges are kept here for the next same-host step."""
-        from relay.wire import decode
+        from latent_relay.relay.wire import decode
 
         if self.error is not None:
             raise self.error
@@ -238,7 +254,7 @@ class ModelHost:
 def out_of_band(packet: bytes | bytearray):
     """A packet as a numpy view of its bytes (no copy). Ray keeps numpy arrays out of its pickle stream: the array
     is copied into the object store once and the receiving host gets a read-only view of the store's memory,
-    which :func:`relay.wire.decode` reads in place; ``bytes`` would be copied out of the store again
+    which :func:`latent_relay.relay.wire.decode` reads in place; ``bytes`` would be copied out of the store again
     (``benchmarks/ray_transport.py`` times both)."""
     import numpy
 
@@ -285,8 +301,17 @@ class _Step:
 
 def _system_errors() -> tuple[type[BaseException], ...]:
     """Ray's errors for a lost worker, actor, node or object: the step did not fail by itself."""
-    names = ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
-             "RaySystemError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError", "OutOfMemoryError")
+    names = (
+        "RayActorError",
+        "ObjectLostError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "LocalRayletDiedError",
+        "RaySystemError",
+        "ObjectFetchTimedOutError",
+        "ReferenceCountingAssertionError",
+        "OutOfMemoryError",
+    )
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
@@ -413,8 +438,7 @@ class RayRuntime:
         elif isinstance(self.placement, Mapping):
             unknown = sorted(set(self.placement) - set(models))
             if unknown:
-                raise PlacementError(f"placement names nodes not in graph {graph.name!r}: "
-                                     f"{', '.join(unknown)}")
+                raise PlacementError(f"placement names nodes not in graph {graph.name!r}: {', '.join(unknown)}")
             missing = [n for n in graph.order if n not in self.placement]
             if missing:
                 raise PlacementError(f"placement gives no host to node(s): {', '.join(missing)}")
@@ -423,13 +447,15 @@ class RayRuntime:
                 if not host or "/" in host:
                     raise PlacementError(f"bad host name {host!r}")
         else:
-            raise PlacementError(f"placement must be 'shared', 'per-node' or a node -> host mapping, not "
-                                 f"{self.placement!r}")
+            raise PlacementError(
+                f"placement must be 'shared', 'per-node' or a node -> host mapping, not {self.placement!r}"
+            )
         for host in set(plan.values()):
             held = {models[n] for n in plan if plan[n] == host}
             if len(held) > 1:
-                raise PlacementError(f"host {host!r} would hold several models: "
-                                     f"{', '.join(sorted(m.label for m in held))}")
+                raise PlacementError(
+                    f"host {host!r} would hold several models: {', '.join(sorted(m.label for m in held))}"
+                )
         return plan
 
     def _ensure_hosts(self, plan: dict[str, str], graph: AgentGraph) -> None:
@@ -455,8 +481,9 @@ class RayRuntime:
                 raise HostStartError(f"device {device!r} was asked for but the Ray cluster has no GPU")
             gpus = _share(free.get("GPU", 0.0), count, cap=1.0)
             if gpus <= 0:
-                raise HostStartError(f"no free GPU share for {count} more host(s) "
-                                     f"({free.get('GPU', 0):g} of {total['GPU']:g} GPUs free)")
+                raise HostStartError(
+                    f"no free GPU share for {count} more host(s) ({free.get('GPU', 0):g} of {total['GPU']:g} GPUs free)"
+                )
             device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES for the actor
         threads = max(1, int(cpus))
         remote = ray.remote(ModelHost)
@@ -478,21 +505,24 @@ class RayRuntime:
                 infos = ray.get(refs, timeout=self.start_timeout)
             except rex.GetTimeoutError:
                 self._drop_host(host)
-                raise HostStartError(f"host {host!r} did not start within {self.start_timeout:.0f}s "
-                                     f"(does the cluster have room for it?)") from None
+                raise HostStartError(
+                    f"host {host!r} did not start within {self.start_timeout:.0f}s (does the cluster have room for it?)"
+                ) from None
             except rex.RayTaskError as err:
                 self._drop_host(host)
                 cause = err.cause if isinstance(err.cause, BaseException) else err
                 if isinstance(cause, (ValueError, OSError, LookupError)):
                     raise cause from None  # e.g. an unknown model reference: the CLI's one-line error
-                raise HostStartError(f"host {host!r} could not load {wanted[host].label}: "
-                                     f"{type(cause).__name__}: {_first_line(cause)}") from None
+                raise HostStartError(
+                    f"host {host!r} could not load {wanted[host].label}: {type(cause).__name__}: {_first_line(cause)}"
+                ) from None
             except _system_errors() as err:
                 self._drop_host(host)
                 raise HostStartError(f"host {host!r} died while starting: {_first_line(err)}") from None
             self.host_info[host] = infos[0]
-            log.info("host %s: %s on %s (pid %s)", host, infos[0].get("model"), infos[0].get("device"),
-                     infos[0].get("pid"))
+            log.info(
+                "host %s: %s on %s (pid %s)", host, infos[0].get("model"), infos[0].get("device"), infos[0].get("pid")
+            )
 
     def _drop_host(self, host: str) -> None:
         for h in self.hosts.pop(host, []):
@@ -521,8 +551,10 @@ class RayRuntime:
         model_name = self._model_name(graph, plan)
         run_id = uuid.uuid4().hex[:12]
         seq = itertools.count()
-        queue = deque(_Batch(next(seq), [items[i] for i in idx], list(idx))
-                      for idx in batches(range(len(items)), max(1, batch_size)))
+        queue = deque(
+            _Batch(next(seq), [items[i] for i in idx], list(idx))
+            for idx in batches(range(len(items)), max(1, batch_size))
+        )
         n_hosts = len(set(plan.values()))
         limit = self.max_in_flight or 2 * n_hosts * self.replicas
         active: list[_Batch] = []
@@ -533,8 +565,17 @@ class RayRuntime:
 
         def emit(kind: str, step_batch: _Batch, node: str, host: tuple[str, int]) -> None:
             if self.on_step is not None:
-                self.on_step(StepEvent(kind, step_batch.seq, step_batch.attempt, node, host[0], host[1],
-                                       [str(it.id) for it in step_batch.items]))
+                self.on_step(
+                    StepEvent(
+                        kind,
+                        step_batch.seq,
+                        step_batch.attempt,
+                        node,
+                        host[0],
+                        host[1],
+                        [str(it.id) for it in step_batch.items],
+                    )
+                )
 
         def activate(b: _Batch) -> None:
             load = [sum(1 for a in active if a.replica == r) for r in range(self.replicas)]
@@ -564,8 +605,7 @@ class RayRuntime:
             if b.attempt >= self.max_retries:
                 fail(b, f"host {plan[node]!r} failed {b.attempt + 1} times running node {node!r} ({why})")
                 return
-            log.warning("batch %d: host %r failed at node %r (%s); running it again", b.seq, plan[node], node,
-                        why)
+            log.warning("batch %d: host %r failed at node %r (%s); running it again", b.seq, plan[node], node, why)
             self.stats["retries"] += 1
             b.finished = True
             active.remove(b)
@@ -715,8 +755,11 @@ class RayRuntime:
                 # a forward cannot be interrupted: restart the host (its step then ends with an actor error)
                 ray.kill(self.hosts[s.host[0]][s.host[1]], no_restart=False)
                 killed.append(s.host)
-                fail(b, f"TimeoutError: the batch ran {spent:.1f}s on hosts, over the {self.timeout:g}s "
-                        f"timeout (at node {s.node!r} on host {s.host[0]!r})")
+                fail(
+                    b,
+                    f"TimeoutError: the batch ran {spent:.1f}s on hosts, over the {self.timeout:g}s "
+                    f"timeout (at node {s.node!r} on host {s.host[0]!r})",
+                )
         return killed
 
     def _discard(self, plan: dict[str, str], b: _Batch, held: bool) -> None:
@@ -739,8 +782,9 @@ class RayRuntime:
         """The batch's records, assembled exactly as :meth:`LocalRuntime.run_batch` does."""
         n = len(b.items)
         records = [
-            ItemResult(item_id=str(it.id), task=task.name, graph=graph.name, relay=relay, model=model_name,
-                       gold=str(it.gold))
+            ItemResult(
+                item_id=str(it.id), task=task.name, graph=graph.name, relay=relay, model=model_name, gold=str(it.gold)
+            )
             for it in b.items
         ]
         final_texts: list[str] = [""] * n
@@ -765,8 +809,15 @@ class RayRuntime:
 
     @staticmethod
     def _failed(graph, task, item, relay, model_name, message: str) -> ItemResult:
-        return ItemResult(item_id=str(item.id), task=task.name, graph=graph.name, relay=relay,
-                          model=model_name, gold=str(item.gold), error=message)
+        return ItemResult(
+            item_id=str(item.id),
+            task=task.name,
+            graph=graph.name,
+            relay=relay,
+            model=model_name,
+            gold=str(item.gold),
+            error=message,
+        )
 
 
 __all__ = [

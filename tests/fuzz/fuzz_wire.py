@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from relay import wire  # noqa: E402
+from latent_relay.relay import wire  # noqa: E402
 from tests.fuzz import mutate  # noqa: E402
 
 

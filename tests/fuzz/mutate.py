@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from relay import wire
+from latent_relay.relay import wire
 from tests.fuzz.packets import seal, seed_packets, split
 
 HOSTILE = [

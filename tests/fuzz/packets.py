@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgpack
 import torch
 
-from compression.quant import quantize_memory
-from relay import wire
-from relay.memory import KVState, Segment
-from relay.messages import LatentMessage, TextMessage
+from latent_relay.compression.quant import quantize_memory
+from latent_relay.relay import wire
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.messages import LatentMessage, TextMessage
 
 
 def make_memory(
@@ -49,12 +49,13 @@ def make_memory(
 
 
 def memory_tensors(memory: KVState) -> list[torch.Tensor]:
-    """A memory's tensors in the order a :data:`relay.memory.TensorAllocator` is asked for them."""
+    """A memory's tensors in the order a :data:`latent_relay.relay.memory.TensorAllocator` is asked for them."""
     return [memory.segment, memory.agent, memory.position, *(t for kv in zip(memory.keys, memory.values) for t in kv)]
 
 
 def built_in_arena(memory: KVState, **arena_options) -> tuple[wire.PacketArena, KVState]:
-    """``memory`` rebuilt inside a :class:`relay.wire.PacketArena`, as compression builds it for a sender."""
+    """``memory`` rebuilt inside a :class:`latent_relay.relay.wire.PacketArena`, as compression builds it for a
+    sender."""
     arena = wire.PacketArena(**arena_options)
     sources = memory_tensors(memory)
     made = arena.allocate([(tuple(t.shape), t.dtype) for t in sources], torch.device("cpu"))

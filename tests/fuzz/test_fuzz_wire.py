@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import wire
+from latent_relay.relay import wire
 from tests.fuzz import mutate
 
 EXAMPLES = 3_500
