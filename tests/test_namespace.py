@@ -138,3 +138,10 @@ def test_no_source_imports_a_folder_by_its_bare_name():
                 continue
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {top}" for top in tops if top in FOLDERS]
     assert not offenders, "bare imports of repository folders:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("module", ["latent_relay", "latent_relay.relay.cli"])
+def test_the_command_runs_as_a_module_from_the_repository_root(module):
+    done = run_python(["-m", module, "models"], cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "smollm2-135m" in done.stdout
