@@ -51,14 +51,17 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The newest versions that pyproject.toml's ranges allow (torch stays at the CPU wheel), in a venv of their own, and
-# the whole suite on them: a coming break shows here before a user meets it. Prints what differs from the lock.
+# The newest versions that pyproject.toml's ranges allow, in a venv of their own, and the whole suite on them: a
+# coming break shows here before a user meets it. Prints what differs from the lock. torch stays at the CPU wheel
+# (a newer torch is a CUDA build of several GB).
 upgrade-check:
 	rm -rf $(UPGRADE_VENV)
 	$(PYTHON) -m venv $(UPGRADE_VENV)
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	echo "torch==2.13.0" > $(UPGRADE_VENV)/torch.txt
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]"
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation \
+		-c $(UPGRADE_VENV)/torch.txt -e ".[dev]"
 	$(UPGRADE_VENV)/bin/python -m pip check
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(BUNDLED)
 	{ echo "$$LOCK_HEADER"; $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \
