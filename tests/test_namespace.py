@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -95,8 +96,12 @@ def test_every_module_imports_and_models_load_through_the_installed_package(tmp_
 
 
 def test_the_wheel_holds_one_namespace_and_works(tmp_path):
-    """Build the wheel as a user's ``pip install`` would, unpack it and run the probe against it alone."""
-    pip_wheel = ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)]
+    """Build the wheel as a user's ``pip install`` would, unpack it and run the probe against it alone. It is built
+    from a copy of the sources, so no ``build/`` folder is left in the checkout (a stale one would ship deleted
+    modules in a later wheel)."""
+    skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "out")
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=skip)
+    pip_wheel = ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)]
     built = run_python(pip_wheel, ROOT)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("latent_relay-*.whl")

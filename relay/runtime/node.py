@@ -89,11 +89,12 @@ class NodeExecutor:
         for e in edges:
             key = edge_key(e.source, e.target)
             messages, sizes, metrics, packets = [], [], [], []
+            output_proj = self._output_proj(e.recipe) if e.is_latent else None
             for b, memory in enumerate(out.memories):
                 # a packet that will be sent is built in place: compression writes the memory into it
                 arena = PacketArena() if e.is_latent and e.recipe and key in keep_packets else None
                 if e.is_latent:
-                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe, arena)
+                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe, output_proj, arena)
                 else:
                     msg, info = TextMessage(name, [out.texts[b]]), {}
                 messages.append(msg)
@@ -109,13 +110,19 @@ class NodeExecutor:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _latent_message(self, sender, memory, observations, b, recipe, arena=None):
+    def _output_proj(self, recipe: str | None):
+        """The model's attention output projections where the edge's recipe scores with them (``value=wo``)."""
+        from latent_relay.compression.recipes import parse_recipe
+
+        return self.runner.output_projections() if recipe and parse_recipe(recipe).needs_output_proj else None
+
+    @staticmethod
+    def _latent_message(sender, memory, observations, b, recipe, output_proj=None, arena=None):
         if not recipe:
             return LatentMessage(sender, memory), {}
-        from latent_relay.compression.recipes import compress, parse_recipe
+        from latent_relay.compression.recipes import compress
 
         observation = observations[b] if observations is not None else None
-        output_proj = self.runner.output_projections() if parse_recipe(recipe).needs_output_proj else None
         allocate = arena.allocate if arena else None
         packed, metrics = compress(memory, observation, recipe, output_proj=output_proj, allocate=allocate)
         return LatentMessage(sender, packed, recipe=recipe, metrics=metrics), metrics
