@@ -19,7 +19,8 @@ SUBPACKAGES = ("relay", "agents", "compression", "kernels", "benchmarks")
 def _add_checkout_folders() -> None:
     """In a source checkout the subpackages are folders beside this one (a wheel places them inside it): add the
     checkout's root to this package's search path so that ``latent_relay.relay`` is the ``relay/`` folder. Those
-    folders have no ``__init__.py``, so they never become importable as bare top-level names."""
+    folders have no ``__init__.py``, so a Python started in the checkout never takes them for installed packages of
+    the same name (``kernels`` is Hugging Face's): a regular package anywhere on ``sys.path`` wins."""
     checkout = _Path(__file__).resolve().parent.parent
     inside = _Path(__file__).resolve().parent
     if not any((inside / name).is_dir() for name in SUBPACKAGES) and all(
