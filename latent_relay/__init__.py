@@ -21,13 +21,11 @@ def _add_checkout_folders() -> None:
     checkout's root to this package's search path so that ``latent_relay.relay`` is the ``relay/`` folder. Those
     folders have no ``__init__.py``, so a Python started in the checkout never takes them for installed packages of
     the same name (``kernels`` is Hugging Face's): a regular package anywhere on ``sys.path`` wins."""
-    checkout = _Path(__file__).resolve().parent.parent
-    inside = _Path(__file__).resolve().parent
-    if not any((inside / name).is_dir() for name in SUBPACKAGES) and all(
-        (checkout / name).is_dir() for name in SUBPACKAGES
-    ):
-        if str(checkout) not in __path__:
-            __path__.append(str(checkout))
+    here = _Path(__file__).resolve().parent
+    checkout = here.parent
+    in_wheel = any((here / name).is_dir() for name in SUBPACKAGES)
+    if not in_wheel and all((checkout / name).is_dir() for name in SUBPACKAGES) and str(checkout) not in __path__:
+        __path__.append(str(checkout))
 
 
 _add_checkout_folders()

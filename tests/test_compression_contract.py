@@ -186,6 +186,7 @@ def test_recipe_on_a_model_edge(recipe):
 
 
 def test_value_wo_names_what_a_model_lacks():
+    from latent_relay.agents.models import tiny_model
     from latent_relay.agents.runner import ModelRunner
 
     class NoOutputProjection(torch.nn.Module):
@@ -201,8 +202,6 @@ def test_value_wo_names_what_a_model_lacks():
 
         def get_input_embeddings(self):
             return self.inner.get_input_embeddings()
-
-    from latent_relay.agents.models import tiny_model
 
     runner = ModelRunner(NoOutputProjection(tiny_model("llama").model))
     with pytest.raises(ValueError, match="value=wo needs each decoder layer's self_attn.o_proj"):

@@ -74,6 +74,12 @@ def test_hugging_face_kernels_is_the_one_imported_here():
     assert Path(spec.origin).resolve().parent != (ROOT / "kernels").resolve()
 
 
+def run_probe(cwd: Path, extra_path: Path | None = None) -> dict:
+    """Run tests/namespace_probe.py by its path from ``cwd`` (so ``sys.path[0]`` is ``cwd``) and check its findings."""
+    code = f"import runpy; runpy.run_path({str(ROOT / 'tests' / 'namespace_probe.py')!r}, run_name='__main__')"
+    return _probe_result(run_python(["-c", code], cwd=cwd, extra_path=extra_path))
+
+
 def _probe_result(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -90,9 +96,7 @@ def test_every_module_imports_and_models_load_from_the_repository_root():
 
 
 def test_every_module_imports_and_models_load_through_the_installed_package(tmp_path):
-    code = f"import runpy; runpy.run_path({str(ROOT / 'tests' / 'namespace_probe.py')!r}, run_name='__main__')"
-    result = _probe_result(run_python(["-c", code], cwd=tmp_path))
-    assert result["modules"][0] == "latent_relay"
+    assert run_probe(tmp_path)["modules"][0] == "latent_relay"
 
 
 def test_the_wheel_holds_one_namespace_and_works(tmp_path):
@@ -117,8 +121,7 @@ def test_the_wheel_holds_one_namespace_and_works(tmp_path):
         assert sources | {"latent_relay/__init__.py", "latent_relay/kernels/cpu_obf.c"} <= shipped
         archive.extractall(unpacked)
     assert {t for t in tops if not t.endswith(".dist-info")} == {"latent_relay"}
-    code = f"import runpy; runpy.run_path({str(ROOT / 'tests' / 'namespace_probe.py')!r}, run_name='__main__')"
-    result = _probe_result(run_python(["-c", code], cwd=tmp_path, extra_path=unpacked))
+    result = run_probe(tmp_path, extra_path=unpacked)
     assert Path(result["wire_file"]).resolve() == (unpacked / "latent_relay" / "relay" / "wire.py").resolve()
 
 
