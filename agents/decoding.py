@@ -1,23 +1,12 @@
 """Text decoding for the final agent (judger / summarizer) and text-relay agents: greedy by default,
-optional temperature / top-p sampling, max new tokens, end-of-sequence ids and stop strings."""
+optional temperature / top-p sampling, max new tokens, end-of-sequence ids and stop strings. The settings are
+:class:`~latent_relay.relay.decode_config.DecodeConfig` (a node setting of the graph)."""
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class DecodeConfig(BaseModel):
-    """How an agent decodes text."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int = Field(256, ge=1, le=32768)
-    greedy: bool = True
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int = 0
+from latent_relay.relay.decode_config import DecodeConfig
 
 
 class TokenPicker:

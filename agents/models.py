@@ -208,6 +208,13 @@ def _resolve_hub_or_folder(ref: str, *, device, dtype, allow_download: bool, att
     return _loaded(ref, model, tokenizer, fingerprint, str(path) if looks_like_path else ref)
 
 
+def hide_loading_progress() -> None:
+    """Turn off the progress bars transformers draws while it loads a model (a caller that reports its own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model(
     ref: str = DEFAULT_MODEL,
     *,

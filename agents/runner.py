@@ -16,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from latent_relay.agents.batching import split_memory, stack_memories
+from latent_relay.agents.cache import read_back, to_cache
 from latent_relay.agents.decoding import DecodeConfig, TokenPicker
 from latent_relay.agents.latent import LatentInput
-from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.batch import split_items, split_observation, stack_items
+from latent_relay.relay.memory import KVState, Segment, check_same_model
 from latent_relay.relay.observation import Observation
 
 SINK_TOKENS = 4
@@ -34,18 +36,29 @@ class PromptTooLongError(ValueError):
 
 @dataclass
 class AgentOutput:
-    """What one agent step produced, per item (no padding anywhere)."""
+    """What one agent step produced: the batch's memory and observation, padded as the step left them (for
+    compressing the batch at once), per-item texts and token counts, and per-item memories and observations without
+    padding (split from the batch on first use)."""
 
-    memories: list[KVState]
-    observations: list[Observation] | None
+    batch_memory: KVState
+    batch_observation: Observation | None
     texts: list[str] | None
     output_tokens: list[int]
+
+    @cached_property
+    def memories(self) -> list[KVState]:
+        return split_items(self.batch_memory)
+
+    @cached_property
+    def observations(self) -> list[Observation] | None:
+        return split_observation(self.batch_observation, self.batch_memory)
 
 
 class ModelRunner:
     """Runs agent steps for one loaded model (weights shared by every agent placed on it)."""
 
     def __init__(self, model, tokenizer=None, fingerprint: str = "", latent: LatentInput | None = None):
+        """A runner for ``model`` (a tiny or hand-built one; a loaded model: :meth:`from_loaded`)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
@@ -64,6 +77,12 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.pad_id = self._pad_id()
+
+    @classmethod
+    def from_loaded(cls, loaded, *, tokenizer=None, latent: LatentInput | None = None) -> ModelRunner:
+        """The runner of a loaded model (:class:`latent_relay.agents.models.LoadedModel`): its weights, its tokenizer
+        (or ``tokenizer``, e.g. a stand-in for a tiny model) and its fingerprint."""
+        return cls(loaded.model, loaded.tokenizer if tokenizer is None else tokenizer, loaded.fingerprint, latent)
 
     def output_projections(self) -> list[torch.Tensor]:
         """Every layer's attention output projection ``W_o`` (``[hidden, heads * head_dim]``), for value-aware
@@ -96,7 +115,7 @@ class ModelRunner:
         memory = self._stack(memories)
         self._check_length(memory, prompts, thoughts, decode)
         memory, idx = memory.agent_index(agent)
-        cache = memory.to_cache()  # grown in place by every forward below; the memory's tensors track it
+        cache = to_cache(memory)  # grown in place by every forward below; the memory's tensors track it
 
         # 1. prefill the role prompt on top of the received memory
         ids, valid = self._left_pad(prompts)
@@ -129,8 +148,7 @@ class ModelRunner:
         if decode is not None:
             memory, texts, counts = self._decode(memory, cache, logits, decode, idx)
 
-        items, observations = split_memory(memory, observation)
-        return AgentOutput(items, observations, texts, counts)
+        return AgentOutput(memory, observation, texts, counts)
 
     @torch.inference_mode()
     def continuation_logprobs(
@@ -151,7 +169,7 @@ class ModelRunner:
         memory, idx = memory.agent_index(agent)
         ids, valid = self._left_pad(seqs)
         segment = torch.full_like(ids, int(Segment.PROMPT))
-        cache = memory.to_cache()
+        cache = to_cache(memory)
         _, hidden, _ = self._forward(memory, cache, self.embed(ids), valid, segment, idx, all_positions=True)
         width = ids.shape[1]
         out = []
@@ -185,7 +203,7 @@ class ModelRunner:
         )
         table_agent = torch.where(valid, agent_idx, -1)
         table_segment = torch.where(valid, segment, int(Segment.PAD))
-        grown = memory.with_cache(cache, table_segment, table_agent, position)
+        grown = read_back(memory, cache, table_segment, table_agent, position)
         if not bool(valid.all()):  # new padded slots hold finite garbage: zero them so nothing of it travels
             pad = ~valid[:, None, :, None]  # only the q new slots: older ones were zeroed when they were new
             for k, v in zip(grown.keys, grown.values):
@@ -224,14 +242,10 @@ class ModelRunner:
             if m is None:
                 m = KVState.empty(1, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
                 m.fingerprint = self.fingerprint
-            elif self.fingerprint and m.fingerprint and m.fingerprint != self.fingerprint:
-                from latent_relay.relay.memory import IncompatibleMemoryError
-
-                raise IncompatibleMemoryError(
-                    f"working memory was made by model {m.fingerprint[:16]}, this agent runs {self.fingerprint[:16]}"
-                )
+            else:
+                check_same_model(self.fingerprint, m.fingerprint)
             parts.append(m.to(self.device, self.dtype))
-        memory = stack_memories(parts)
+        memory = stack_items(parts)
         memory.fingerprint = self.fingerprint
         return memory
 

@@ -134,10 +134,11 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
     without a :class:`latent_relay.relay.wire.PacketArena`.
 
     Decode is the wire codec alone (checks + zero-copy views); dequantize is the receiving half of a quantizing
-    recipe (``unpacked()``: int codes back to floats), timed apart because it is recipe work, not serialization.
+    recipe (``unpack``: int codes back to floats), timed apart because it is recipe work, not serialization.
     The four steps are timed one after another in each repeat, so that all see the same machine state; the
     share is the median of the per-repeat shares (encode + decode) / (compress + encode + decode + dequantize).
     """
+    from latent_relay.compression.quant import unpack
     from latent_relay.compression.recipes import compress
 
     rows: list[tuple] = []
@@ -164,7 +165,7 @@ def hop_rows(memory: KVState, observation: Observation, repeats: int) -> list[tu
             received = wire.decode(packet)
             decoded = time.perf_counter()
             if quantized:
-                received.unpacked()
+                unpack(received)
             dequantized = time.perf_counter()
             size = len(packet)
             del received, packet, packed, arena  # the packet's memory goes back: counted with decode

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.dtypes.split(","):
         loaded = resolve_model(args.model, dtype=name.strip())
-        runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+        runner = ModelRunner.from_loaded(loaded)
         timed = time_phases(runner, args.batch, args.prompt, args.thoughts, args.tokens, args.repeats)
         rows.append((name.strip(), timed))
         del runner, loaded

@@ -22,10 +22,10 @@ from latent_relay.agents.models import DEFAULT_MODEL, resolve_model
 from latent_relay.agents.prompts import agent_message, chat_ids
 from latent_relay.agents.runner import ModelRunner
 from latent_relay.benchmarks.compression_overhead import spectral_gap
-from latent_relay.benchmarks.tasks import get_task
 from latent_relay.compression.backfill import BackfillConfig, orthogonal_backfill
 from latent_relay.compression.scores import compute_scores
 from latent_relay.compression.selectors import current_agent_index, prompt_mask, select_headwise, select_layerwise
+from latent_relay.tasks.registry import get_task
 
 SOLVERS = ("subspace", "eigh")
 
@@ -39,7 +39,7 @@ def planner_step(runner: ModelRunner, questions: list[str], thoughts: int):
 def critic_memories(model: str, items: int, thoughts: int, data_dir: str | None):
     """(memory, observation) of the critic, per item, after planner -> critic."""
     loaded = resolve_model(model)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+    runner = ModelRunner.from_loaded(loaded)
     tok = loaded.tokenizer
     questions = [item.question for item in get_task("gsm8k").load(items, data_dir)]
     planner = planner_step(runner, questions, thoughts)

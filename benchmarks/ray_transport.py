@@ -31,7 +31,7 @@ class Sender:
         self.packet = packet
 
     def send(self, form: str):
-        from latent_relay.relay.runtime.ray_runtime import out_of_band
+        from latent_relay.relay.runtime.host import out_of_band
 
         return self.packet if form == "bytes" else out_of_band(self.packet)
 
@@ -63,7 +63,7 @@ class HopSender:
     def hop(self, recipe: str):
         from latent_relay.compression.recipes import compress
         from latent_relay.relay.messages import LatentMessage
-        from latent_relay.relay.runtime.ray_runtime import out_of_band
+        from latent_relay.relay.runtime.host import out_of_band
         from latent_relay.relay.wire import PacketArena, encode
 
         arena = PacketArena()  # as a host sends: the memory is built inside its packet
@@ -84,6 +84,7 @@ class HopReceiver:
         retain_freed_memory()
 
     def take(self, sent) -> tuple[float, ...]:
+        from latent_relay.compression.quant import unpack
         from latent_relay.relay.wire import decode
 
         arrived = time.perf_counter()
@@ -91,7 +92,7 @@ class HopReceiver:
         message = decode(packet)
         decoded = time.perf_counter()
         if message.recipe.endswith(("int8", "int4")):
-            message.unpacked()
+            unpack(message)
         dequantized = time.perf_counter()
         del message, packet, sent
         freed = time.perf_counter()

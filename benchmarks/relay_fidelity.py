@@ -34,10 +34,11 @@ from latent_relay.agents.models import DEFAULT_MODEL, resolve_model
 from latent_relay.agents.prompts import agent_message, chat_ids
 from latent_relay.agents.runner import ModelRunner
 from latent_relay.benchmarks.obf_accuracy import planner_step
-from latent_relay.benchmarks.tasks import get_task
+from latent_relay.compression.quant import unpack
 from latent_relay.compression.recipes import RecipeError, compress, parse_recipe
 from latent_relay.relay.messages import LatentMessage
 from latent_relay.relay.wire import encoded_size
+from latent_relay.tasks.registry import get_task
 
 RECIPES = (
     "h:budget=32",
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     loaded = resolve_model(args.model)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+    runner = ModelRunner.from_loaded(loaded)
     tok = loaded.tokenizer
     items = get_task("gsm8k").load(args.items, args.data_dir)
     questions = [item.question for item in items]
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         for recipe in recipes:
             packed, _ = compress(memory, observation, recipe)
             message = LatentMessage("planner", packed, recipe)
-            got = score(message.unpacked(), prompts[b])
+            got = score(unpack(message), prompts[b])
             results[recipe].append({**compare(reference, got, tokens), "bytes": encoded_size(message)})
         got = score(None, alone_prompts[b])
         results[ALONE].append({**compare(reference, got, tokens), "bytes": 0})

@@ -97,17 +97,21 @@ class BackfillResult:
     evicted_norm: torch.Tensor
     applied: torch.Tensor
 
-    def diagnostics(self) -> dict[str, float]:
-        has = self.evicted_norm > 0
-        y2 = float((self.evicted_norm[has] ** 2).sum())
-        r2 = float((self.residual_norm[has] ** 2).sum())
-        inj = torch.linalg.vector_norm(self.shift, dim=-1)[self.applied]
+    def diagnostics(self, item: int | None = None) -> dict[str, float]:
+        """Summary over every problem, or over those of batch item ``item``."""
+        part = slice(None) if item is None else slice(item, item + 1)
+        evicted, residual = self.evicted_norm[:, part], self.residual_norm[:, part]
+        has = evicted > 0
+        y2 = float((evicted[has] ** 2).sum())
+        r2 = float((residual[has] ** 2).sum())
+        applied = self.applied[:, part]
+        inj = torch.linalg.vector_norm(self.shift[:, part], dim=-1)[applied]
         return {
             "obf_residual_ratio": (r2 / y2) ** 0.5 if y2 > 0 else 0.0,
             "obf_injected_norm": float(inj.mean()) if inj.numel() else 0.0,
             "obf_injected_norm_max": float(inj.max()) if inj.numel() else 0.0,
             "obf_problems": int(has.sum()),
-            "obf_applied": int(self.applied.sum()),
+            "obf_applied": int(applied.sum()),
         }
 
 

@@ -10,105 +10,35 @@ packed size. Padding slots take no part in any min/max (they are masked), so the
 real tokens; masked groups dequantize to 0.
 
 Every real entry dequantizes to within half a quantization step (``scale / 2``) in fp32; a fp16 / bf16 result
-adds that dtype's rounding. The packing itself runs in :mod:`kernels` (Triton on CUDA, torch elsewhere).
+adds that dtype's rounding. The packing itself runs in :mod:`kernels` (Triton on CUDA, torch elsewhere); the
+containers and their layout are core data (:mod:`latent_relay.relay.quantized`).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
+import math
 
 import torch
 
 from latent_relay.kernels.dispatch import quantize_pack, unpack_dequantize
-from latent_relay.kernels.reference import check_bits, packed_width
-from latent_relay.relay.memory import KVState, MemoryShape, Segment
-
-AXES = ("channel", "token")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
-
-
-def group_layout(shape: tuple[int, ...], axis: str, group_size: int | None) -> tuple[int, int, int]:
-    """``(rows, group, groups_per_line)`` of the ``[rows, group]`` matrix a ``[..., T, D]`` tensor becomes.
-
-    ``axis="channel"``: one line per (leading index, channel) over the T tokens; ``axis="token"``: one line
-    per (leading index, token) over the D channels. A line is cut into ``groups_per_line`` groups of
-    ``group`` entries (the last one padded and masked).
-    """
-    if len(shape) < 2:
-        raise ValueError(f"quantization needs a [..., tokens, channels] tensor, got shape {shape}")
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    if group_size is not None and group_size < 1:
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-    *lead, t, d = shape
-    lines, length = (_prod(lead) * d, t) if axis == "channel" else (_prod(lead) * t, d)
-    group = group_size or length
-    per_line = -(-length // group) if group else 0
-    return lines * per_line, group, per_line
-
-
-@functools.lru_cache(maxsize=256)
-def _packed_shape(shape: tuple[int, ...], axis: str, group_size: int | None, bits: int) -> tuple[int, int]:
-    """``(rows, packed bytes per row)`` of the codes of a ``shape`` tensor (every layer of a memory shares it)."""
-    check_bits(bits)
-    rows, group, _ = group_layout(shape, axis, group_size)
-    return rows, packed_width(group, bits)
-
-
-@dataclass
-class QuantizedTensor:
-    """A tensor ``[..., T, D]`` quantized in groups along ``axis`` (see the module docstring).
-
-    ``data`` is uint8 ``[rows, packed bytes per group]``, ``scale`` / ``zero`` fp16 ``[rows]``; ``shape`` and
-    ``dtype`` are the original tensor's.
-    """
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: int
-    axis: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    group_size: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Real size: packed codes + fp16 scales + fp16 zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` unless the packed tensors agree with bits, axis, shape and group size."""
-        if self.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"quantized tensors must come from {FLOAT_DTYPES}, not {self.dtype}")
-        rows, width = _packed_shape(tuple(self.shape), self.axis, self.group_size, self.bits)
-        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (rows, width):
-            raise ValueError(
-                f"packed data {self.data.dtype} {tuple(self.data.shape)} should be uint8 {(rows, width)} "
-                f"for shape {tuple(self.shape)}, axis {self.axis}, {self.bits} bits, group {self.group_size}"
-            )
-        for name in ("scale", "zero"):
-            t = getattr(self, name)
-            if t.dtype != torch.float16 or tuple(t.shape) != (rows,):
-                raise ValueError(f"{name} {t.dtype} {tuple(t.shape)} should be float16 {(rows,)}")
-
-    def dequantize(self, *, backend: str | None = None) -> torch.Tensor:
-        return dequantize(self, backend=backend)
+from latent_relay.kernels.reference import check_bits
+from latent_relay.relay.memory import KVState, Segment
+from latent_relay.relay.messages import LatentMessage
+from latent_relay.relay.quantized import (
+    FLOAT_DTYPES,
+    KEY_AXIS,
+    VALUE_AXIS,
+    QuantizedMemory,
+    QuantizedTensor,
+    group_layout,
+)
 
 
 def _lines(t: torch.Tensor, axis: str) -> torch.Tensor:
     """``[..., T, D]`` -> ``[lines, length]`` (a copy for keys, a view for contiguous values)."""
     *lead, tokens, dim = t.shape
-    t = t.reshape(_prod(lead), tokens, dim)
-    if axis == "channel":
+    t = t.reshape(math.prod(lead), tokens, dim)
+    if axis == KEY_AXIS:
         return t.transpose(1, 2).reshape(t.shape[0] * dim, tokens)
     return t.reshape(t.shape[0] * tokens, dim)
 
@@ -161,72 +91,12 @@ def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tenso
     rows, group, per_line = group_layout(tuple(q.shape), q.axis, q.group_size)
     x = unpack_dequantize(q.data, q.scale, q.zero, q.bits, group, q.dtype, backend=backend)
     *lead, tokens, dim = q.shape
-    length = tokens if q.axis == "channel" else dim
-    lines = _prod(lead) * (dim if q.axis == "channel" else tokens)
+    length = tokens if q.axis == KEY_AXIS else dim
+    lines = math.prod(lead) * (dim if q.axis == KEY_AXIS else tokens)
     x = x.reshape(lines, per_line * group)[:, :length]
-    if q.axis == "channel":
-        x = x.reshape(_prod(lead), dim, tokens).transpose(1, 2)
+    if q.axis == KEY_AXIS:
+        x = x.reshape(math.prod(lead), dim, tokens).transpose(1, 2)
     return x.reshape(q.shape).contiguous()
-
-
-@dataclass
-class QuantizedMemory(MemoryShape):
-    """A :class:`~latent_relay.relay.memory.KVState` with KIVI-quantized keys (per channel) and values (per token).
-
-    The token table (segment, agent, position, agents, fingerprint) travels unchanged; ``dequantize()`` gives
-    the working memory back (padding slots of values come back as 0).
-    """
-
-    keys: list[QuantizedTensor]
-    values: list[QuantizedTensor]
-    segment: torch.Tensor
-    agent: torch.Tensor
-    position: torch.Tensor
-    agents: list[str] = field(default_factory=list)
-    fingerprint: str = ""
-
-    @property
-    def bits(self) -> int:
-        return self.keys[0].bits if self.keys else 8
-
-    @property
-    def nbytes(self) -> int:
-        """Real packed size: codes + scales + zeros of every layer, plus the token table."""
-        table = sum(t.numel() * t.element_size() for t in (self.segment, self.agent, self.position))
-        return table + sum(q.nbytes for q in (*self.keys, *self.values))
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` unless every quantized tensor is well formed and matches the token table."""
-        if len(self.keys) != len(self.values):
-            raise ValueError(f"{len(self.keys)} key layers but {len(self.values)} value layers")
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            k.validate()
-            v.validate()
-            if k.axis != "channel" or v.axis != "token":
-                raise ValueError(f"layer {i}: keys must be quantized per channel and values per token")
-            if len(k.shape) != 4 or tuple(k.shape) != tuple(v.shape):
-                raise ValueError(f"layer {i}: key shape {k.shape} and value shape {v.shape} differ")
-        self.dequantize_meta()
-
-    def dequantize_meta(self) -> KVState:
-        """A KVState of empty "meta" tensors with this memory's shapes (validates the layout cheaply)."""
-        kinds = {(tuple(q.shape), q.dtype) for q in (*self.keys, *self.values)}  # every layer shares one
-        meta = {(shape, dtype): torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in kinds}
-        keys = [meta[tuple(q.shape), q.dtype] for q in self.keys]
-        values = [meta[tuple(q.shape), q.dtype] for q in self.values]
-        table = (self.segment, self.agent, self.position)
-        return KVState(keys, values, *table, agents=list(self.agents), fingerprint=self.fingerprint)
-
-    def dequantize(self, *, backend: str | None = None) -> KVState:
-        return KVState(
-            keys=[dequantize(q, backend=backend) for q in self.keys],
-            values=[dequantize(q, backend=backend) for q in self.values],
-            segment=self.segment,
-            agent=self.agent,
-            position=self.position,
-            agents=list(self.agents),
-            fingerprint=self.fingerprint,
-        )
 
 
 def quantize_memory(
@@ -244,10 +114,11 @@ def quantize_memory(
         valid = None
     return QuantizedMemory(
         keys=[
-            quantize(k, bits, "channel", valid=valid, group_size=key_group_size, backend=backend) for k in memory.keys
+            quantize(k, bits, KEY_AXIS, valid=valid, group_size=key_group_size, backend=backend) for k in memory.keys
         ],
         values=[
-            quantize(v, bits, "token", valid=valid, group_size=value_group_size, backend=backend) for v in memory.values
+            quantize(v, bits, VALUE_AXIS, valid=valid, group_size=value_group_size, backend=backend)
+            for v in memory.values
         ],
         segment=memory.segment,
         agent=memory.agent,
@@ -255,3 +126,23 @@ def quantize_memory(
         agents=list(memory.agents),
         fingerprint=memory.fingerprint,
     )
+
+
+def dequantize_memory(memory: QuantizedMemory, *, backend: str | None = None) -> KVState:
+    """The working memory a :class:`QuantizedMemory` was made from (padding slots of values come back as 0)."""
+    return KVState(
+        keys=[dequantize(q, backend=backend) for q in memory.keys],
+        values=[dequantize(q, backend=backend) for q in memory.values],
+        segment=memory.segment,
+        agent=memory.agent,
+        position=memory.position,
+        agents=list(memory.agents),
+        fingerprint=memory.fingerprint,
+    )
+
+
+def unpack(item: LatentMessage | KVState | QuantizedMemory, *, backend: str | None = None) -> KVState:
+    """The working memory a receiver prefills on: a message's (or a bare) memory, dequantized where a quantizing
+    recipe packed it; a :class:`KVState` passes through unchanged."""
+    memory = item.memory if isinstance(item, LatentMessage) else item
+    return memory if isinstance(memory, KVState) else dequantize_memory(memory, backend=backend)

@@ -5,7 +5,8 @@ All scores are float32 ``[layers, batch, kv_heads, tokens]`` on the memory's slo
 - **Latent-query attention** (the Orthogonal Backfill paper, arXiv 2604.13349, METHODS.md §2): the attention rows
   of the ``m`` latent thoughts, summed over thoughts, GQA query heads summed within each KV head's group.
 - **Pooling** (SnapKV, arXiv 2404.14469): average pooling along tokens (stride 1, ``kernel // 2`` padding) so a
-  token's neighbours lend it mass and selected evidence stays in contiguous clumps.
+  token's neighbours lend it mass and selected evidence stays in contiguous clumps; in a padded batch over each
+  item's real tokens only, so an item scores the same in any batch.
 - **Value-aware scores** (VATP, arXiv 2406.12335; value-aware diagnostics, arXiv 2605.08234, METHODS.md §5):
   attention times ``||v||_1``, ``||v||_2`` or ``||W_o v||_1`` (output projection of the query heads that read the
   KV head).
@@ -51,11 +52,26 @@ def latent_attention_scores(observation: Observation, memory: KVState | None = N
     return scores
 
 
-def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """SnapKV average pooling along the token axis (stride 1, zero padding ``kernel // 2``, same length)."""
+def pool_scores(scores: torch.Tensor, kernel: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SnapKV average pooling along the token axis (stride 1, zero padding ``kernel // 2``, same length).
+
+    With ``valid`` (bool ``[B, T]``, the real slots of a padded batch) each item's real tokens are pooled as one
+    sequence, as if its PAD slots were removed, so a batch scores every item exactly as that item alone; PAD slots
+    score 0 (they must score 0 on input too)."""
     if kernel <= 1:
         return scores
+    if valid is None or bool(valid.all()):
+        return _avg_pool(scores, kernel)
+    index = (~valid).to(torch.int8).argsort(dim=1, stable=True)  # [B, T]: real slots first, in order, then PAD
+    index = index[None, :, None, :].expand_as(scores)
+    pooled = _avg_pool(scores.gather(-1, index), kernel)
+    return torch.zeros_like(pooled).scatter_(-1, index, pooled) * valid[None, :, None, :].to(pooled.dtype)
+
+
+def _avg_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     shape = scores.shape
+    if scores.numel() == 0:
+        return scores
     flat = scores.reshape(-1, 1, shape[-1])
     pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
     return pooled[..., : shape[-1]].reshape(shape)
@@ -103,8 +119,9 @@ def compute_scores(
     value: ValueNorm = "none",
     output_proj: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Selection scores ``[L, B, H_kv, T]``: latent-query attention, pooled, then value-weighted."""
-    scores = pool_scores(latent_attention_scores(observation, memory), pool)
+    """Selection scores ``[L, B, H_kv, T]``: latent-query attention, pooled (over each item's real tokens), then
+    value-weighted; PAD slots score 0."""
+    scores = pool_scores(latent_attention_scores(observation, memory), pool, memory.valid)
     if value in ("l1", "l2"):
         scores = scores * value_norms(memory, value)
     elif value == "wo":

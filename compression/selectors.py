@@ -13,12 +13,14 @@ requires).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from latent_relay.relay.memory import KVState, Segment, TensorAllocator
 from latent_relay.relay.observation import Observation
+from latent_relay.relay.wire.frames import MemoryDims, allocate_frames, memory_frames, uniform
 
 
 def current_agent_index(memory: KVState, observation: Observation | None) -> int:
@@ -166,44 +168,28 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None
     return out
 
 
-def _allocated(
-    allocate: TensorAllocator | None, shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device
-) -> list[torch.Tensor | None]:
-    """``allocate``'s tensors for ``shapes`` (checked), or ``None`` per tensor where there is no allocator or it
-    declined."""
-    made = allocate(shapes, device) if allocate is not None else None
-    if made is None:
-        return [None] * len(shapes)
-    made = list(made)
-    if len(made) != len(shapes) or any(
-        t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous()
-        for t, (shape, dtype) in zip(made, shapes)
-    ):
-        raise ValueError("the tensor allocator returned tensors that do not match the shapes it was asked for")
-    return made
-
-
 def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllocator | None = None) -> Gathered:
     """Physically evict: gather the survivors of every layer and head (one row gather per layer).
 
-    ``allocate`` (optional) makes the new memory's tensors, e.g. inside the packet that will carry them
+    ``allocate`` (optional) makes the new memory's tensors, asked for its frames in wire order
+    (:func:`latent_relay.relay.wire.frames.memory_frames`), e.g. inside the packet that will carry them
     (:class:`latent_relay.relay.wire.PacketArena`); the result is the same either way."""
     order, slot_valid = survivor_order(memory, selection)
     b, t_out = slot_valid.shape
     h = memory.num_kv_heads
     per_layer = order.shape[0] > 1
     shared_positions = selection.shared and not memory.per_head_positions
-    position_shape = (b, t_out) if shared_positions else (memory.num_layers, b, h, t_out)
-    shapes = [((b, t_out), torch.int8), ((b, t_out), torch.int16), (position_shape, memory.position.dtype)]
-    for k, v in zip(memory.keys, memory.values):
-        shapes += [((b, h, t_out, k.shape[-1]), k.dtype), ((b, h, t_out, v.shape[-1]), v.dtype)]
-    out = _allocated(allocate, shapes, memory.device)
+    out: dict[tuple[str, int], torch.Tensor | None] = {}
+    if allocate is not None and uniform(memory):  # the frame spec describes the new memory: ask for its frames
+        dims = replace(MemoryDims.of(memory), batch=b, tokens=t_out, per_head_positions=not shared_positions)
+        frames = memory_frames(dims)
+        out = {(f.part, f.layer): t for f, t in zip(frames, allocate_frames(allocate, frames, memory.device))}
     keys, values = [], []
     pad = ~slot_valid[:, None, :, None]
     any_pad = bool(pad.any())
     for i, (k, v) in enumerate(zip(memory.keys, memory.values)):
         idx = order[i if per_layer else 0]
-        k_new, v_new = gather_tokens(k, idx, out[3 + 2 * i]), gather_tokens(v, idx, out[4 + 2 * i])
+        k_new, v_new = gather_tokens(k, idx, out.get(("keys", i))), gather_tokens(v, idx, out.get(("values", i)))
         if any_pad:  # padding slots hold zeros
             k_new.masked_fill_(pad, 0)
             v_new.masked_fill_(pad, 0)
@@ -219,14 +205,12 @@ def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllo
         full_idx = order.expand(memory.num_layers, b, h, t_out)
         position = memory.position_full().gather(-1, full_idx)
         position = torch.where(slot_valid[None, :, None, :], position, torch.zeros_like(position))
-    table = [segment.to(torch.int8), agent.to(torch.int16), position]
-    table = [t if o is None else o.copy_(t) for t, o in zip(table, out)]
+    table = {"segment": segment.to(torch.int8), "agent": agent.to(torch.int16), "position": position}
+    table = {part: t if out.get((part, -1)) is None else out[part, -1].copy_(t) for part, t in table.items()}
     gathered = KVState(
         keys=keys,
         values=values,
-        segment=table[0],
-        agent=table[1],
-        position=table[2],
+        **table,
         agents=list(memory.agents),
         fingerprint=memory.fingerprint,
     )
@@ -240,3 +224,23 @@ def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllo
     prompt_valid = ark[None, :] < selection.kept[:, None]
     prompt_slots = torch.where(prompt_valid, prompt_slots, torch.zeros_like(prompt_slots))
     return Gathered(memory=gathered, prompt_slots=prompt_slots, prompt_slots_valid=prompt_valid)
+
+
+# ------------------------------------------------------------------------------------------ selector registry
+#: A scored selector: ``(scores [L, B, H_kv, T], prompt [B, T], budget) -> Selection``.
+Selector = Callable[[torch.Tensor, torch.Tensor, int], Selection]
+
+#: Scored selectors by name; a recipe's scored-eviction step names one (``h`` -> ``head``, ``l`` -> ``layer``).
+SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(name: str, selector: Selector) -> Selector:
+    """Make ``selector`` available to scored-eviction recipe steps as ``name`` (e.g. a new ASL selector)."""
+    if name in SELECTORS and SELECTORS[name] is not selector:
+        raise ValueError(f"a different selector is already registered as {name!r}")
+    SELECTORS[name] = selector
+    return selector
+
+
+register_selector("head", select_headwise)
+register_selector("layer", select_layerwise)

@@ -16,11 +16,11 @@ import argparse
 from latent_relay.agents.decoding import DecodeConfig
 from latent_relay.agents.models import resolve_model
 from latent_relay.agents.runner import ModelRunner
-from latent_relay.benchmarks.tasks import get_task
 from latent_relay.relay.graph import AgentGraph, Edge, Node
 from latent_relay.relay.results import summarize
 from latent_relay.relay.runtime.local import LocalRuntime
 from latent_relay.relay.runtime.node import NodeExecutor
+from latent_relay.tasks.registry import get_task
 
 
 def build(recipe: str, latent_steps: int) -> AgentGraph:
@@ -70,7 +70,7 @@ def main() -> None:
             results = runtime.run(graph, task, items, "custom", batch_size=2)
     else:
         loaded = resolve_model(args.model)
-        runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+        runner = ModelRunner.from_loaded(loaded)
         results = LocalRuntime(NodeExecutor(runner, decode), loaded.name).run(
             graph, task, items, "custom", batch_size=2
         )

@@ -12,11 +12,11 @@ import argparse
 from latent_relay.agents.decoding import DecodeConfig
 from latent_relay.agents.models import resolve_model
 from latent_relay.agents.runner import ModelRunner
-from latent_relay.benchmarks.tasks import get_task
 from latent_relay.relay.graph import build_graph
 from latent_relay.relay.results import summarize
 from latent_relay.relay.runtime.local import LocalRuntime
 from latent_relay.relay.runtime.node import NodeExecutor
+from latent_relay.tasks.registry import get_task
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     items = task.load(args.n, data_dir=args.data_dir)
 
     loaded = resolve_model(args.model)  # weights shared by all four agents
-    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+    runner = ModelRunner.from_loaded(loaded)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
     runtime = LocalRuntime(NodeExecutor(runner, decode), loaded.name)
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(path: str) -> int:
-    from latent_relay.relay.wire import describe
+    from latent_relay.relay.cli_inspect import describe
 
     print(describe(Path(path).read_bytes()))
     return 0
@@ -160,9 +160,9 @@ def _modes(args) -> list[str]:
 
 
 def _run(args) -> int:
-    from latent_relay.benchmarks.tasks import get_task
     from latent_relay.relay.graph import build_graph
     from latent_relay.relay.results import ResultWriter, summarize
+    from latent_relay.tasks.registry import get_task
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
@@ -207,10 +207,10 @@ def _run(args) -> int:
 
 
 def _runtime(args):
-    from latent_relay.agents.decoding import DecodeConfig
     from latent_relay.agents.latent import LatentInput
-    from latent_relay.agents.models import resolve_model
+    from latent_relay.agents.models import hide_loading_progress, resolve_model
     from latent_relay.agents.runner import ModelRunner
+    from latent_relay.relay.decode_config import DecodeConfig
     from latent_relay.relay.runtime.local import LocalRuntime
     from latent_relay.relay.runtime.node import NodeExecutor
 
@@ -228,12 +228,9 @@ def _runtime(args):
             placement=args.placement,
             timeout=args.timeout,
         )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress line says when the model is loaded
+    hide_loading_progress()  # our own progress line says when the model is loaded
     loaded = resolve_model(args.model, device=args.device, dtype=args.dtype)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint, latent)
-    return LocalRuntime(NodeExecutor(runner, decode), model_name=loaded.name)
+    return LocalRuntime(NodeExecutor(ModelRunner.from_loaded(loaded, latent=latent), decode), model_name=loaded.name)
 
 
 def _run_mode(runtime, graph, task, items, mode, args, writer):

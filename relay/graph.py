@@ -12,12 +12,31 @@ order and their texts as labelled sections of its prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from latent_relay.agents.decoding import DecodeConfig
+from latent_relay.relay.decode_config import DecodeConfig
+
+#: Parses the recipe of a ``latent+<recipe>`` relay mode into a typed object with a ``canonical`` string, raising
+#: ``ValueError`` if it is malformed. The graph holds that object; the parser is the compression layer's
+#: (:func:`latent_relay.compression.recipes.parse_recipe`), which registers itself here when it is imported (the
+#: package's ``__init__`` imports it), so that this ground-floor module needs nothing from the floors above.
+RecipeParser = Callable[[str], Any]
+_recipe_parser: list[RecipeParser] = []
+
+
+def register_recipe_parser(parse: RecipeParser) -> None:
+    """Make ``parse`` the parser of edge recipes (the compression layer calls this once, at import)."""
+    _recipe_parser[:] = [parse]
+
+
+def _parse_recipe(text: str) -> Any:
+    if not _recipe_parser:
+        raise ValueError("no recipe parser is registered (import latent_relay, which registers compression's)")
+    return _recipe_parser[0](text)
 
 
 class GraphError(ValueError):
@@ -59,34 +78,50 @@ class Node(_Strict):
 
 
 class Edge(_Strict):
-    """A hand-over from ``source`` to ``target`` with relay mode ``text``, ``latent`` or ``latent+<recipe>``."""
+    """A hand-over from ``source`` to ``target`` with relay mode ``text``, ``latent`` or ``latent+<recipe>``.
+
+    Frozen and hashable, so that runtimes key inboxes by the edge itself. The recipe is parsed once, when the edge
+    is made: :attr:`recipe` is the typed recipe (``None`` for text and full latent relay) and :attr:`relay` the
+    canonical mode string."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str
     target: str
     relay: str = "latent"
+    _recipe: Any = PrivateAttr(default=None)
 
     @field_validator("relay")
     @classmethod
     def _check_relay(cls, value: str) -> str:
         value = value.strip()
-        if value == "text" or value == "latent":
+        if value in ("text", "latent") or value.startswith("latent+"):
             return value
-        if value.startswith("latent+"):
-            from latent_relay.compression.recipes import parse_recipe
-
-            try:
-                return "latent+" + parse_recipe(value[len("latent+") :]).canonical
-            except ValueError as err:
-                raise ValueError(f"edge recipe: {err}") from None
         raise ValueError(f"relay mode {value!r} is not text, latent or latent+<recipe>")
+
+    @model_validator(mode="after")
+    def _parse_recipe_once(self) -> Edge:
+        if self.relay.startswith("latent+"):
+            try:
+                self._recipe = _parse_recipe(self.relay[len("latent+") :])
+            except ValueError as err:
+                raise ValueError(f"relay: edge recipe: {err}") from None
+            self.__dict__["relay"] = "latent+" + self._recipe.canonical  # the canonical spelling (frozen model)
+        return self
 
     @property
     def is_latent(self) -> bool:
         return self.relay != "text"
 
     @property
-    def recipe(self) -> str:
-        return self.relay[len("latent+") :] if self.relay.startswith("latent+") else ""
+    def recipe(self) -> Any:
+        """The edge's parsed compression recipe, or ``None`` (text relay, or the full memory)."""
+        return self._recipe
+
+    @property
+    def key(self) -> str:
+        """``"source->target"``: the edge's name in result records and packets."""
+        return f"{self.source}->{self.target}"
 
 
 class AgentGraph(_Strict):

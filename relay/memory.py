@@ -32,10 +32,10 @@ class Segment(IntEnum):
     TEXT = 4
 
 
-#: Makes the tensors of a memory about to be built, uninitialised, from their ``(shape, dtype)`` in the memory's
-#: tensor order (segment, agent, position, then each layer's keys and values) and the device; or returns ``None``
-#: to leave the allocation to the builder. A sender passes one (:class:`latent_relay.relay.wire.PacketArena`) so that a
-#: memory is built straight inside the packet that will carry it.
+#: Makes the tensors of a memory about to be built, uninitialised, from their ``(shape, dtype)`` in wire order (the
+#: frame spec, :func:`latent_relay.relay.wire.frames.memory_frames`) and the device; or returns ``None`` to leave the
+#: allocation to the builder. A sender passes one (:class:`latent_relay.relay.wire.PacketArena`) so that a memory is
+#: built straight inside the packet that will carry it.
 TensorAllocator = Callable[[Sequence[tuple[tuple[int, ...], torch.dtype]], torch.device], Sequence[torch.Tensor] | None]
 
 
@@ -45,6 +45,13 @@ class MemoryError_(ValueError):
 
 class IncompatibleMemoryError(MemoryError_):
     """A memory made by one model was handed to another (fingerprints differ)."""
+
+
+def check_same_model(expected: str, got: str, what: str = "working memory") -> None:
+    """Raise :class:`IncompatibleMemoryError` when both model fingerprints are known and differ: ``what`` (a memory,
+    a packet's memory) was made by model ``got`` where model ``expected`` runs. The one fingerprint check."""
+    if expected and got and expected != got:
+        raise IncompatibleMemoryError(f"{what} was made by model {got!r}, not by {expected!r}")
 
 
 class MemoryShape:
@@ -195,20 +202,22 @@ class KVState(MemoryShape):
             fingerprint=fingerprint,
         )
 
-    def to_cache(self):
-        """A transformers ``DynamicCache`` holding copies-free views of these keys and values."""
-        from transformers import DynamicCache
-
-        return DynamicCache([(k, v) for k, v in zip(self.keys, self.values)])
-
-    def with_cache(self, cache, segment, agent, position, agents: Sequence[str] | None = None) -> KVState:
-        """A new memory whose tensors are read back from ``cache`` (after a forward grew it) and whose token
-        table is this one's extended by ``segment``/``agent``/``position`` for the new slots."""
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
+    def extend(
+        self,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        segment: torch.Tensor,
+        agent: torch.Tensor,
+        position: torch.Tensor,
+        agents: Sequence[str] | None = None,
+    ) -> KVState:
+        """A new memory with ``keys``/``values`` (these tensors after new slots were appended to them, e.g. by a
+        forward that grew a model's cache) and this token table extended by ``segment``/``agent``/``position``
+        ``[B, new]`` for the new slots."""
+        keys, values = list(keys), list(values)
         new = keys[0].shape[2] - self.num_tokens
         if new != segment.shape[1]:
-            raise MemoryError_(f"cache grew by {new} tokens but {segment.shape[1]} table entries were given")
+            raise MemoryError_(f"the tensors grew by {new} tokens but {segment.shape[1]} table entries were given")
         if self.per_head_positions:
             pos_new = position[None, :, None, :].expand(self.num_layers, -1, self.num_kv_heads, -1)
             position = torch.cat([self.position, pos_new.to(self.position.dtype)], dim=-1)
@@ -272,10 +281,7 @@ class KVState(MemoryShape):
 
 def check_compatible(a: KVState, b: KVState) -> None:
     """Raise unless two memories come from the same model and have the same layout."""
-    if a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint:
-        raise IncompatibleMemoryError(
-            f"memories come from different models ({a.fingerprint[:16]} vs {b.fingerprint[:16]})"
-        )
+    check_same_model(a.fingerprint, b.fingerprint, "a memory to combine")
     if (a.num_layers, a.num_kv_heads, a.head_dim, a.batch_size) != (
         b.num_layers,
         b.num_kv_heads,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from latent_relay.relay.memory import KVState
+from latent_relay.relay.quantized import QuantizedMemory
 
 
 @dataclass
@@ -24,18 +24,16 @@ class TextMessage:
 class LatentMessage:
     """Latent relay: the sender's working memory, possibly compressed by an edge recipe.
 
-    ``memory`` is a :class:`KVState`, or the packed form a quantizing recipe produced (it has ``nbytes`` and
-    ``dequantize() -> KVState``). ``recipe`` is the canonical recipe string that was applied ("" for full relay).
+    ``memory`` is a :class:`KVState`, or the packed form a quantizing recipe produced (a
+    :class:`~latent_relay.relay.quantized.QuantizedMemory`; the receiver turns either into the memory it prefills on
+    with :func:`latent_relay.compression.quant.unpack`). ``recipe`` is the canonical recipe string that was applied
+    ("" for full relay).
     """
 
     sender: str
-    memory: Any
+    memory: KVState | QuantizedMemory
     recipe: str = ""
     metrics: dict = field(default_factory=dict)
-
-    def unpacked(self) -> KVState:
-        mem = self.memory
-        return mem if isinstance(mem, KVState) else mem.dequantize()
 
     @property
     def nbytes(self) -> int:

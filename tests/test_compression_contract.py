@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latent_relay.compression.recipes import available_methods, compress, parse_recipe
+from latent_relay.agents.cache import to_cache
+from latent_relay.compression.quant import dequantize_memory
+from latent_relay.compression.recipes import available_methods, compress, compress_batch, parse_recipe
 from latent_relay.relay import wire
+from latent_relay.relay.batch import split_items, split_observation
 from latent_relay.relay.memory import KVState, Segment
 from latent_relay.relay.messages import LatentMessage
 from latent_relay.relay.observation import Observation
@@ -103,7 +106,7 @@ def test_recipe_contract(tiny, recipe):
         assert key in metrics
     assert metrics["bytes_after"] == packed.nbytes <= metrics["bytes_before"]
     parsed = parse_recipe(recipe)
-    out = packed.dequantize() if parsed.bits else packed
+    out = dequantize_memory(packed) if parsed.bits else packed
     assert isinstance(out, KVState)
     out.validate()
     assert (out.num_layers, out.num_kv_heads, out.head_dim, out.batch_size) == (
@@ -131,7 +134,7 @@ def test_recipe_contract(tiny, recipe):
     mask = torch.cat([out.valid.long(), torch.ones(out.batch_size, new, dtype=torch.long)], dim=1)
     pos = out.next_position()[:, None] + torch.arange(new)[None, :]
     with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=out.to_cache(), attention_mask=mask, position_ids=pos).logits
+        logits = model(input_ids=ids, past_key_values=to_cache(out), attention_mask=mask, position_ids=pos).logits
     assert logits.shape == (out.batch_size, new, 64)
     assert bool(torch.isfinite(logits).all())
 
@@ -159,6 +162,28 @@ def test_recipe_built_inside_its_packet(tiny, recipe):
     decoded = wire.decode(packet).memory
     for a, b in zip(_tensors(plain), _tensors(decoded), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", _method_recipes())
+def test_recipe_on_a_batch_is_the_recipe_per_item(tiny, recipe):
+    """compress_batch on the padded batch gives each item what compress gives that item alone."""
+    _, memory, obs, w_o = tiny
+    packed, metrics = compress_batch(memory, obs, recipe, output_proj=w_o)
+    quantized = parse_recipe(recipe).bits is not None
+    items = zip(split_items(memory), split_observation(obs, memory), packed, metrics, strict=True)
+    for item, item_obs, got, got_metrics in items:
+        want, want_metrics = compress(item, item_obs, recipe, output_proj=w_o)
+        assert got.nbytes == want.nbytes and list(got_metrics) == list(want_metrics)
+        for key in ("bytes_before", "bytes_after", "retained_fraction", "prompt_tokens", "kept_prompt_tokens", "bits"):
+            assert got_metrics.get(key) == want_metrics.get(key)
+        if quantized:  # OBF values a rounding apart may land one code apart
+            step = max(float(v.scale.abs().max()) for v in want.values)
+            got, want = dequantize_memory(got), dequantize_memory(want)
+        else:
+            step = 0.0
+        for a, b in zip(_tensors(got), _tensors(want), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 + 1.01 * step)
 
 
 @pytest.mark.parametrize("recipe", _method_recipes())

@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from latent_relay.compression.backfill import BackfillConfig
+from latent_relay.compression.methods import Backfill, GenerationOnly, Quantize, ScoredEviction
 from latent_relay.compression.recipes import (
     REGISTRY,
-    HeadwiseOBF,
-    LayerwiseOBF,
     RecipeError,
     available_methods,
     compress,
@@ -38,7 +37,7 @@ def recipe_strings(draw):
     steps = []
     name = draw(st.sampled_from([*evictors, None]))
     if name is not None:
-        fields = list(REGISTRY[name].model_fields)
+        fields = list(REGISTRY[name].options)
         chosen = draw(st.lists(st.sampled_from(fields), unique=True)) if fields else []
         opts = [f"{k}={draw(OPTION_VALUES[k])}" for k in chosen]
         steps.append(name + (":" + ",".join(opts) if opts else ""))
@@ -62,9 +61,11 @@ def test_documented_recipes_parse_to_their_configs():
     r = parse_recipe("h-obf:budget=32,rank=2+int8")
     assert r.canonical == "h-obf:budget=32,rank=2+int8" and r.bits == 8
     step = r.steps[0]
-    assert isinstance(step, HeadwiseOBF) and step.budget == 32 and step.backfill_config() == BackfillConfig(rank=2)
+    assert isinstance(step, ScoredEviction) and (step.selector, step.budget) == ("head", 32)
+    assert step.backfill_config() == BackfillConfig(rank=2)
     lobf = parse_recipe("l-obf:budget=16")
-    assert isinstance(lobf.steps[0], LayerwiseOBF) and lobf.canonical == "l-obf:budget=16,rank=4"
+    assert isinstance(lobf.steps[0], ScoredEviction) and lobf.steps[0].selector == "layer"
+    assert lobf.steps[0].backfill is not None and lobf.canonical == "l-obf:budget=16,rank=4"
     assert parse_recipe("h:budget=32").canonical == "h:budget=32"
     assert parse_recipe("gen").canonical == "gen" and parse_recipe("gen").bits is None
     assert parse_recipe("l:budget=8+int4").bits == 4
@@ -75,6 +76,19 @@ def test_documented_recipes_parse_to_their_configs():
     assert parse_recipe("h-obf:ablation=all-components").steps[0].backfill_config().rank is None
     assert parse_recipe("h-obf:ablation=naive-aggregation").steps[0].backfill_config().aggregate == "mean"
     assert parse_recipe("h-obf:ablation=no-scaling").steps[0].backfill_config().scale == "none"
+
+
+def test_recipe_names_are_presets_of_parameterised_methods():
+    assert ScoredEviction(selector="layer", budget=16, backfill=Backfill()).canonical == "l-obf:budget=16,rank=4"
+    assert ScoredEviction(budget=8, pool=3, backfill=Backfill(rank=2)).canonical == "h-obf:budget=8,pool=3,rank=2"
+    assert ScoredEviction(selector="layer").canonical == "l:budget=32"
+    assert parse_recipe("h:budget=32").steps[0] == ScoredEviction(selector="head", budget=32)
+    assert parse_recipe("l-obf:rank=3").steps[0] == ScoredEviction(selector="layer", backfill=Backfill(rank=3))
+    assert (Quantize(bits=4).canonical, Quantize().canonical, GenerationOnly().canonical) == ("int4", "int8", "gen")
+    assert {n: REGISTRY[n].kind for n in ("gen", "h", "int4")} == {"gen": "evict", "h": "evict", "int4": "quant"}
+    r = parse_recipe("l:budget=4+int4")
+    assert (r.eviction, r.quantization) == (r.steps[0], Quantize(bits=4)) and not r.takes_allocator
+    assert parse_recipe("gen").takes_allocator and not parse_recipe("int8").takes_allocator
 
 
 @pytest.mark.parametrize(
@@ -173,7 +187,7 @@ def test_quantized_recipes_pack_last(bits):
     packed, metrics = compress(memory, obs, f"h-obf:budget=3+int{bits}")
     plain, _ = compress(memory, obs, "h-obf:budget=3")
     assert metrics["bytes_after"] == packed.nbytes < plain.nbytes
-    restored = packed.dequantize()
+    restored = quant.dequantize_memory(packed)
     assert isinstance(restored, KVState)
     assert torch.equal(restored.position, plain.position) and torch.equal(restored.segment, plain.segment)
     for a, b in zip(restored.values, plain.values):

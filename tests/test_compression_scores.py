@@ -83,10 +83,22 @@ def test_output_projection_norm_uses_the_query_heads_of_each_group():
 def test_pool_then_value_weight_and_padding_zero():
     memory, obs = build_memory(Layout())
     got = compute_scores(memory, obs, pool=3, value="l2")
-    want = pool_scores(latent_attention_scores(obs, memory), 3) * value_norms(memory, "l2")
+    want = pool_scores(latent_attention_scores(obs, memory), 3, memory.valid) * value_norms(memory, "l2")
     want = want * memory.valid[None, :, None, :]
     torch.testing.assert_close(got, want)
     assert bool((got.permute(1, 3, 0, 2)[~memory.valid] == 0).all())
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 7])
+def test_pooling_a_padded_batch_pools_each_item_without_its_padding(kernel):
+    memory, obs = build_memory(Layout(batch=3, prompts=(12, 7, 2), left_pad=(0, 2, 1)))
+    valid = memory.valid
+    got = pool_scores(latent_attention_scores(obs, memory), kernel, valid)
+    assert bool(valid.logical_not().any())  # the batch really is padded
+    for b in range(memory.batch_size):
+        alone = latent_attention_scores(obs, memory)[:, b : b + 1][..., valid[b]]
+        assert torch.equal(got[:, b][..., valid[b]], pool_scores(alone, kernel)[:, 0])
+        assert bool((got[:, b][..., ~valid[b]] == 0).all())
 
 
 def test_mismatched_observation_and_missing_projection_raise():

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from latent_relay.compression.scores import compute_scores
 from latent_relay.compression.selectors import (
+    SELECTORS,
     current_agent_index,
     gather_selection,
     prompt_mask,
+    register_selector,
     select_generation_only,
     select_headwise,
     select_layerwise,
@@ -174,3 +176,27 @@ def test_gather_into_allocated_tensors_is_the_same_memory(lay, layerwise):
     assert all(torch.equal(a, b) for a, b in zip(tensors, memory_tensors(plain), strict=True))
     with pytest.raises(ValueError, match="allocator"):
         gather_selection(memory, selection, lambda shapes, device: [torch.empty(1) for _ in shapes])
+
+
+def test_selector_registry_names_the_scored_selectors(monkeypatch):
+    from pydantic import ValidationError
+
+    from latent_relay.compression.methods import ScoredEviction
+
+    assert SELECTORS["head"] is select_headwise and SELECTORS["layer"] is select_layerwise
+    with pytest.raises(ValueError, match="already registered as 'head'"):
+        register_selector("head", select_layerwise)
+    with pytest.raises(ValidationError, match="unknown selector 'first'"):
+        ScoredEviction(selector="first")
+
+    def first_tokens(scores, prompt, budget):
+        return select_headwise(-torch.arange(scores.shape[-1], dtype=torch.float32).expand_as(scores), prompt, budget)
+
+    monkeypatch.setitem(SELECTORS, "first", first_tokens)
+    memory, obs = build_memory(Layout(prompts=(12, 7)))
+    evicted = ScoredEviction(selector="first", budget=2).evict(memory, obs)
+    prompt = evicted.selection.prompt
+    for b in range(memory.batch_size):
+        first_two = prompt[b].nonzero().squeeze(1)[:2]
+        kept = evicted.selection.keep[:, b].nonzero()[:, -1].unique()
+        assert torch.equal(kept, first_two)

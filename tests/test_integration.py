@@ -4,10 +4,10 @@ import pytest
 
 from latent_relay.agents.decoding import DecodeConfig
 from latent_relay.agents.runner import ModelRunner
-from latent_relay.benchmarks.tasks import get_task
 from latent_relay.relay.graph import sequential
 from latent_relay.relay.runtime.local import LocalRuntime
 from latent_relay.relay.runtime.node import NodeExecutor
+from latent_relay.tasks.registry import get_task
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def runtime():
         loaded = resolve_model("smollm2-135m")
     except ModelReferenceError as err:  # the bundled package is missing: `make test` always installs it
         pytest.skip(str(err))
-    runner = ModelRunner(loaded.model, loaded.tokenizer, loaded.fingerprint)
+    runner = ModelRunner.from_loaded(loaded)
     return LocalRuntime(NodeExecutor(runner, DecodeConfig(max_new_tokens=24)), model_name=loaded.name)
 
 
@@ -63,6 +63,7 @@ def test_a_sender_builds_compressed_packets_in_place(runtime, monkeypatch):
 
     import torch
 
+    from latent_relay.compression.quant import unpack
     from latent_relay.relay import wire
 
     monkeypatch.setattr(wire, "PacketArena", functools.partial(wire.PacketArena, min_bytes=0))
@@ -70,13 +71,15 @@ def test_a_sender_builds_compressed_packets_in_place(runtime, monkeypatch):
     questions = [it.question for it in task.load(2)]
     for relay, in_place in (("latent+h-obf:budget=16,rank=2", True), ("latent+h:budget=16+int8", False)):
         graph = sequential(relay, latent_steps=2)
-        out = runtime.executor.run(graph, "planner", questions, [[], []], keep_packets={"planner->critic"})
-        packets, messages = out.packets["planner->critic"], out.outgoing["planner->critic"]
+        edge = graph.outgoing("planner")[0]
+        assert edge.key == "planner->critic"
+        out = runtime.executor.run(graph, "planner", questions, {}, exports={edge})
+        packets, messages = out.packets[edge], out.outgoing[edge]
         assert [isinstance(p, bytearray) for p in packets] == [in_place] * 2
         pads = [wire.PREFIX.unpack_from(p)[4] for p in packets]  # header padding: only in packets built in place
-        assert out.edge_bytes["planner->critic"] == [len(p) - pad for p, pad in zip(packets, pads)]
+        assert out.edge_bytes[edge] == [len(p) - pad for p, pad in zip(packets, pads)]
         assert [pad > 0 for pad in pads] == [in_place] * 2
         for packet, message in zip(packets, messages, strict=True):
-            got, sent = wire.decode(packet).unpacked(), message.unpacked()
+            got, sent = unpack(wire.decode(packet)), unpack(message)
             for a, b in zip((*got.keys, *got.values), (*sent.keys, *sent.values), strict=True):
                 assert torch.equal(a, b)

@@ -39,7 +39,7 @@ def test_hidden_modes_rescale_to_mean_input_norm_and_soft_mode_is_expected_embed
 @pytest.mark.parametrize("mode", ["soft", "hidden", "realign"])
 def test_observation_rows_are_distributions_over_existing_slots(mode):
     loaded = tiny_model("qwen3")
-    runner = ModelRunner(loaded.model, None, loaded.fingerprint, LatentInput(mode))
+    runner = ModelRunner.from_loaded(loaded, latent=LatentInput(mode))
     first = runner.step([None, None], [list(range(3, 12)), list(range(40, 45))], "planner", thoughts=2)
     out = runner.step(first.memories, [[7, 8, 9], [1, 2]], "critic", thoughts=4, observe=True)
     for b, obs in enumerate(out.observations):
@@ -57,7 +57,7 @@ def test_observation_rows_are_distributions_over_existing_slots(mode):
 
 def test_continuation_logprobs_match_a_plain_forward_and_ignore_batch_padding():
     loaded = tiny_model("llama")
-    runner = ModelRunner(loaded.model, None, loaded.fingerprint)
+    runner = ModelRunner.from_loaded(loaded)
     prompts, continuations = [list(range(3, 12)), [40, 41]], [[5, 6, 7], [9, 10, 11, 12]]
     got = runner.continuation_logprobs([None, None], prompts, continuations, "critic")
     for p, c, logprobs in zip(prompts, continuations, got, strict=True):

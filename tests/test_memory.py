@@ -3,10 +3,20 @@
 import pytest
 import torch
 
-from latent_relay.agents.batching import split_memory, stack_memories
+from latent_relay.agents.cache import read_back, to_cache
 from latent_relay.agents.models import tiny_model
 from latent_relay.agents.runner import ModelRunner
-from latent_relay.relay.memory import IncompatibleMemoryError, KVState, MemoryError_, Segment, concat_memories
+from latent_relay.relay.batch import split_items, split_observation, stack_items
+from latent_relay.relay.memory import (
+    IncompatibleMemoryError,
+    KVState,
+    MemoryError_,
+    Segment,
+    check_same_model,
+    concat_memories,
+)
+from latent_relay.relay.observation import Observation
+from tests.fuzz.packets import make_memory, memory_tensors
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -17,7 +27,7 @@ def _memory_from(model, ids: torch.Tensor, fingerprint="fp") -> KVState:
     b, t = ids.shape
     empty = KVState.empty(b, len(cache.layers), cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3])
     seg = torch.full((b, t), int(Segment.PROMPT))
-    return empty.with_cache(cache, seg, torch.zeros(b, t, dtype=torch.long), torch.arange(t).expand(b, t), ["a"])
+    return read_back(empty, cache, seg, torch.zeros(b, t, dtype=torch.long), torch.arange(t).expand(b, t), ["a"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -26,7 +36,7 @@ def test_cache_round_trip_gives_same_logits_as_full_sequence(arch):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     full = model(input_ids=ids).logits[:, 8:]
     memory = _memory_from(model, ids[:, :8])
-    cache = memory.to_cache()
+    cache = to_cache(memory)
     assert [layer.keys.shape[2] for layer in cache.layers] == [8] * memory.num_layers
     out = model(input_ids=ids[:, 8:], cache=cache, position_ids=torch.arange(8, 12).expand(2, 4))
     torch.testing.assert_close(out.logits, full, atol=1e-5, rtol=1e-5)
@@ -104,9 +114,9 @@ def test_concat_and_stack_split_round_trip():
     both = concat_memories([a, b])
     assert both.num_tokens == 9 and both.agents == ["x", "y"] and both.agent[0].tolist() == [0] * 6 + [1] * 3
     assert int(both.next_position()) == 6
-    stacked = stack_memories([a, b])
+    stacked = stack_items([a, b])
     assert stacked.num_tokens == 6 and int(stacked.valid[1].sum()) == 3
-    parts, _ = split_memory(stacked)
+    parts = split_items(stacked)
     for orig, back in zip([a, b], parts):
         assert back.agents == ["x", "y"] or back.agents == orig.agents
         torch.testing.assert_close(back.keys[0], orig.keys[0])
@@ -145,3 +155,44 @@ def test_every_layer_is_checked_against_the_token_table(change):
     keys, values = change(m.keys, m.values)
     with pytest.raises(MemoryError_):
         KVState(keys=keys, values=values, segment=m.segment, agent=m.agent, position=m.position)
+
+
+def test_check_same_model_is_one_rule():
+    check_same_model("model-a", "model-a")
+    check_same_model("", "model-b")  # an unknown fingerprint matches anything
+    check_same_model("model-a", "")
+    with pytest.raises(IncompatibleMemoryError, match="model-b"):
+        check_same_model("model-a", "model-b", "a packet's memory")
+    a, b = make_memory(fingerprint="model-a"), make_memory(fingerprint="model-b")
+    with pytest.raises(IncompatibleMemoryError, match="model-b"):
+        concat_memories([a, b])
+    with pytest.raises(IncompatibleMemoryError, match="model-b"):
+        stack_items([a.select_items([0]), b.select_items([0])])
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_split_items_into_allocated_tensors_is_the_same_and_drops_padding(per_head):
+    """Each item is asked for in wire order (the frame spec), written straight into what its allocator made, and
+    equals the split without allocators; PAD slots and PAD observation columns never travel."""
+    memory = make_memory(batch=2, tokens=6, layers=2, per_head=per_head)  # item 0 has one PAD slot
+    plain = split_items(memory)
+    assert [m.num_tokens for m in plain] == [5, 6] and all(bool(m.valid.all()) for m in plain)
+    made, asked = [], []
+
+    def allocate(shapes, device):
+        asked.append([(tuple(s), d) for s, d in shapes])
+        made.append([torch.full(shape, 7, dtype=dtype, device=device) for shape, dtype in shapes])
+        return made[-1]
+
+    items = split_items(memory, [allocate, None])
+    assert asked == [[(tuple(t.shape), t.dtype) for t in memory_tensors(plain[0])]]
+    assert all(t is m for t, m in zip(memory_tensors(items[0]), made[0], strict=True))
+    for got, want in zip(items, plain, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(memory_tensors(got), memory_tensors(want), strict=True))
+    keep = memory.valid[0]
+    assert torch.equal(items[0].keys[1], memory.keys[1][:1, :, keep])
+    attention = torch.rand(2, 2, 2, 3, 6)
+    parts = split_observation(Observation(attention, "planner", 2), memory)
+    assert [p.attention.shape[-1] for p in parts] == [5, 6] and parts[0].group_size == 2
+    assert torch.equal(parts[0].attention, attention[:1][..., keep])
+    assert split_observation(None, memory) is None

@@ -122,7 +122,8 @@ def test_the_wheel_holds_one_namespace_and_works(tmp_path):
         archive.extractall(unpacked)
     assert {t for t in tops if not t.endswith(".dist-info")} == {"latent_relay"}
     result = run_probe(tmp_path, extra_path=unpacked)
-    assert Path(result["wire_file"]).resolve() == (unpacked / "latent_relay" / "relay" / "wire.py").resolve()
+    wire_package = unpacked / "latent_relay" / "relay" / "wire" / "__init__.py"
+    assert Path(result["wire_file"]).resolve() == wire_package.resolve()
 
 
 def test_no_source_imports_a_folder_by_its_bare_name():

@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latent_relay.compression.quant import QuantizedTensor, dequantize, quantize, quantize_memory
+from latent_relay.compression.quant import dequantize, dequantize_memory, quantize, quantize_memory, unpack
 from latent_relay.relay.memory import Segment
+from latent_relay.relay.messages import LatentMessage
+from latent_relay.relay.quantized import QuantizedTensor
 from tests.fuzz.packets import make_memory
 
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -85,7 +87,7 @@ def test_padding_does_not_widen_the_range():
         k[pad[:, None, :].expand(k.shape[:3])] = 1e4
     q = quantize_memory(memory, 8)
     assert float(q.keys[0].scale.float().max()) < 0.1  # N(0,1) range / 255, not 1e4 / 255
-    out = q.dequantize()
+    out = dequantize_memory(q)
     real = (~pad)[:, None, :, None].expand_as(memory.keys[0])
     assert float((out.keys[0] - memory.keys[0]).abs()[real].max()) < 0.05
     assert float(out.values[0][~real].abs().max()) == 0.0  # masked value groups come back as 0
@@ -97,7 +99,7 @@ def test_memory_round_trip_and_real_size(bits, per_head):
     memory = make_memory(batch=2, heads=2, tokens=10, dim=8, layers=3, per_head=per_head)
     q = quantize_memory(memory, bits, key_group_size=4)
     q.validate()
-    out = q.dequantize()
+    out = dequantize_memory(q)
     assert torch.equal(out.position, memory.position) and torch.equal(out.segment, memory.segment)
     assert out.agents == memory.agents and out.fingerprint == memory.fingerprint
     real = memory.valid[:, None, :, None]
@@ -131,5 +133,14 @@ def test_errors_are_clear():
 
 def test_empty_memory():
     memory = make_memory(tokens=0, layers=2)
-    out = quantize_memory(memory, 4).dequantize()
+    out = dequantize_memory(quantize_memory(memory, 4))
     assert out.num_tokens == 0 and out.keys[0].shape == memory.keys[0].shape
+
+
+def test_unpack_dequantizes_a_quantized_memory_and_passes_a_full_one():
+    memory = make_memory(tokens=6, layers=2)
+    q = quantize_memory(memory, 8)
+    for item in (q, LatentMessage("planner", q, "gen+int8")):
+        out = unpack(item)
+        assert all(torch.equal(a, b) for a, b in zip(out.keys, dequantize_memory(q).keys, strict=True))
+    assert unpack(memory) is memory and unpack(LatentMessage("planner", memory)) is memory

@@ -41,7 +41,7 @@ def _host_model() -> HostModel:
 
 def _local(graph: AgentGraph, items=ITEMS, batch_size: int = 2):
     loaded = tiny_model(ARCH, SEED)
-    runner = ModelRunner(loaded.model, ByteTokenizer(), loaded.fingerprint, LATENT)
+    runner = ModelRunner.from_loaded(loaded, tokenizer=ByteTokenizer(), latent=LATENT)
     return LocalRuntime(NodeExecutor(runner, DECODE), model_name=loaded.name).run(
         graph, FakeTask(), items, "latent", batch_size=batch_size
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from latent_relay.benchmarks.tasks import DataNotFoundError, TaskItem, UnknownTaskError, get_task, task_names
-from latent_relay.benchmarks.tasks.data import default_data_dir
-from latent_relay.benchmarks.tasks.gsm8k import extract_answer, gold_answer
-from latent_relay.benchmarks.tasks.humaneval import build_program, extract_code
-from latent_relay.benchmarks.tasks.medqa import extract_letter
-from latent_relay.benchmarks.tasks.sandbox import NETWORK_BLOCKED_MESSAGE, run_python
+from latent_relay.tasks.data import default_data_dir
+from latent_relay.tasks.gsm8k import extract_answer, gold_answer
+from latent_relay.tasks.humaneval import build_program, extract_code
+from latent_relay.tasks.medqa import extract_letter
+from latent_relay.tasks.registry import DataNotFoundError, TaskItem, UnknownTaskError, get_task, task_names
+from latent_relay.tasks.sandbox import NETWORK_BLOCKED_MESSAGE, run_python
 
 needs_data = pytest.mark.skipif(not default_data_dir().is_dir(), reason="no ../shared/data")
 

@@ -1,4 +1,4 @@
-"""Wire format (relay/wire.py, issue 4): round trips, integrity, limits, hostile packets, describe()."""
+"""Wire format (relay/wire/, issue 4): round trips, integrity, limits, hostile packets, the frame spec, describe()."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import pytest
 import torch
 import zstandard
 
-from latent_relay.compression.quant import quantize_memory
+from latent_relay.compression.quant import dequantize_memory, quantize_memory
+from latent_relay.compression.selectors import current_agent_index, gather_selection, prompt_mask, select_headwise
 from latent_relay.relay import wire
+from latent_relay.relay.batch import split_items
+from latent_relay.relay.cli_inspect import describe
+from latent_relay.relay.memory import IncompatibleMemoryError
 from latent_relay.relay.messages import LatentMessage, TextMessage
 from latent_relay.relay.wire import (
     ChecksumError,
@@ -24,11 +28,13 @@ from latent_relay.relay.wire import (
     TruncatedPacketError,
     UnsupportedVersionError,
     WireLimits,
+    checksum,
     decode,
-    describe,
     encode,
     encoded_size,
 )
+from latent_relay.relay.wire.format import align
+from latent_relay.relay.wire.frames import MemoryDims, frame_tensors, memory_frames
 from tests.fuzz.packets import built_in_arena, make_memory, memory_tensors, seal, seed_packets, split
 
 
@@ -78,7 +84,7 @@ def test_quantized_round_trip(bits, dtype):
         )
         for name in ("data", "scale", "zero"):
             assert torch.equal(getattr(a, name), getattr(b, name))
-    restored, expected = out.dequantize(), q.dequantize()
+    restored, expected = dequantize_memory(out), dequantize_memory(q)
     for x, y, orig in zip(restored.keys, expected.keys, memory.keys):
         assert torch.equal(x, y)
         real = memory.valid[:, None, :, None].expand_as(orig)
@@ -154,25 +160,26 @@ def test_payload_flip_is_a_checksum_error():
         decode(packet)
 
 
-@pytest.mark.parametrize("chunk,step", [(500, wire.HASH_STEP), (512, 64), (576, 192)])
+@pytest.mark.parametrize("chunk,step", [(500, checksum.HASH_STEP), (512, 64), (576, 192)])
 def test_checksum_tree_over_chunks(monkeypatch, chunk, step):
     """The checksum is XXH3-128(header block + XXH3-128 of each DIGEST_CHUNK of the payload), the leaves hashed by
     the thread pool; chunk edges (and the edges of the steps in which the encoder copies and hashes) fall inside
     frames, the packet is the frames and their zero padding, and a flip in any chunk is caught."""
     import xxhash
 
-    monkeypatch.setattr(wire, "DIGEST_CHUNK", chunk)
-    monkeypatch.setattr(wire, "HASH_STEP", step)
+    monkeypatch.setattr(checksum, "DIGEST_CHUNK", chunk)
+    monkeypatch.setattr(checksum, "HASH_STEP", step)
     memory = make_memory()
     packet = encode(LatentMessage("a", memory))
     assert type(packet) is bytes
     header_len = wire.PREFIX.unpack_from(packet)[3]
-    start = wire._align(wire.PREFIX.size + header_len)
+    start = align(wire.PREFIX.size + header_len)
     payload = packet[start : -wire.DIGEST_SIZE]
     assert len(payload) > 3 * chunk
     frames = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + header_len])
     expected, end = bytearray(), 0
-    for (_, tensor), (_, _, _, offset, size) in zip(wire._memory_frames(memory)[1], frames["frames"], strict=True):
+    tensors = frame_tensors(memory, memory_frames(MemoryDims.of(memory)))
+    for tensor, (_, _, _, offset, size) in zip(tensors, frames["frames"], strict=True):
         expected += bytes(offset - end) + tensor.contiguous().numpy().tobytes()
         end = offset + size
     assert payload == bytes(expected)
@@ -202,14 +209,14 @@ def test_checksum_threads_get_at_least_two_leaves(monkeypatch, leaves, runs):
             fn(lo, hi)
             return types.SimpleNamespace(result=lambda: None)
 
-    monkeypatch.setattr(wire, "DIGEST_CHUNK", 64)
+    monkeypatch.setattr(checksum, "DIGEST_CHUNK", 64)
     payload = memoryview(bytes(range(256)) * (leaves // 4 + 1))[: leaves * 64]
-    single = wire._digest(b"head", payload)
-    monkeypatch.setattr(wire, "available_cpus", lambda: 8)
-    monkeypatch.setattr(wire, "_hash_pool", Pool)
-    assert wire._digest(b"head", payload) == single
+    single = checksum.digest(b"head", payload)
+    monkeypatch.setattr(checksum, "available_cpus", lambda: 8)
+    monkeypatch.setattr(checksum, "hash_pool", Pool)
+    assert checksum.digest(b"head", payload) == single
     assert len(submitted) == runs - 1
-    assert all(hi - lo >= wire.LEAVES_PER_RUN for lo, hi in submitted)
+    assert all(hi - lo >= checksum.LEAVES_PER_RUN for lo, hi in submitted)
 
 
 def test_message_fields_that_cannot_travel_are_refused_on_encode():
@@ -430,3 +437,91 @@ def test_describe_names_the_essentials():
     assert "texts      2" in describe(encode(TextMessage("critic", ["a", "b"])))
     with pytest.raises(ChecksumError):
         describe(bytes(seed_packets()[1][:-1]) + b"\0")
+
+
+def _table_of(frames) -> list[list]:
+    return [[f.name, wire.DTYPE_NAMES[f.dtype], list(f.shape)] for f in frames]
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_one_frame_spec_for_gather_arena_encode_and_decode(per_head):
+    """The frame spec lists a memory's tensors in the order written out by hand here (and in
+    tests.fuzz.packets.memory_tensors); gather_selection asks its allocator for exactly those frames, the arena builds
+    them where encode places them (so the packet is finished in place), and the header lists them."""
+    memory = make_memory(batch=2, heads=2, tokens=9, dim=8, layers=3, per_head=per_head)
+    spec = memory_frames(MemoryDims.of(memory))
+    assert [f.name for f in spec] == ["segment", "agent", "position", "k0", "v0", "k1", "v1", "k2", "v2"]
+    assert all(f.of(memory) is t for f, t in zip(spec, memory_tensors(memory), strict=True))
+    assert [(f.shape, f.dtype) for f in spec] == [(tuple(t.shape), t.dtype) for t in memory_tensors(memory)]
+
+    prompt = prompt_mask(memory, current_agent_index(memory, None))
+    selection = select_headwise(torch.rand(3, 2, 2, 9, generator=torch.Generator().manual_seed(0)), prompt, 3)
+    asked = []
+    arena = wire.PacketArena(min_bytes=0)
+
+    def allocate(shapes, device):
+        asked.extend((tuple(shape), dtype) for shape, dtype in shapes)
+        return arena.allocate(shapes, device)
+
+    gathered = gather_selection(memory, selection, allocate).memory
+    frames = memory_frames(MemoryDims.of(gathered))
+    assert (
+        asked == [(f.shape, f.dtype) for f in frames] == [(tuple(t.shape), t.dtype) for t in memory_tensors(gathered)]
+    )
+    packet = encode(LatentMessage("planner", gathered, "h:budget=3"), into=arena)
+    assert packet is arena.buffer
+    header, _, _, _ = split(bytes(packet))
+    assert [entry[:3] for entry in header["frames"]] == [
+        [f.name, wire.DTYPE_NAMES[f.dtype], list(f.shape)] for f in frames
+    ]
+    _same_memory(gathered, decode(packet).memory)
+
+
+def test_the_quantized_frames_are_the_packed_parts_in_wire_order():
+    q = quantize_memory(make_memory(tokens=11, dim=8, layers=2), 4, key_group_size=4)
+    spec = memory_frames(MemoryDims.of(q))
+    by_hand = [q.segment, q.agent, q.position]
+    for k, v in zip(q.keys, q.values):
+        by_hand += [k.data, k.scale, k.zero, v.data, v.scale, v.zero]
+    assert [f.name for f in spec][3:9] == ["k0.data", "k0.scale", "k0.zero", "v0.data", "v0.scale", "v0.zero"]
+    assert all(f.of(q) is t for f, t in zip(spec, by_hand, strict=True))
+    assert [(f.shape, f.dtype) for f in spec] == [(tuple(t.shape), t.dtype) for t in by_hand]
+    header, _, _, _ = split(encode(LatentMessage("planner", q, "gen+int4")))
+    assert [entry[:3] for entry in header["frames"]] == [
+        [f.name, wire.DTYPE_NAMES[f.dtype], list(f.shape)] for f in spec
+    ]
+
+
+def test_packet_size_is_the_length_without_header_padding():
+    memory = make_memory(tokens=9, dim=8, layers=3)
+    arena, built = built_in_arena(memory, min_bytes=0)
+    message = LatentMessage("planner", built, "h:budget=4")
+    in_place = encode(message, into=arena)
+    copied = encode(message)
+    assert len(in_place) > len(copied)
+    assert wire.packet_size(in_place) == wire.packet_size(copied) == len(copied) == encoded_size(message)
+    text = TextMessage("critic", ["a"])
+    assert wire.packet_size(encode(text)) == encoded_size(text)
+    with pytest.raises(HeaderError):
+        wire.packet_size(b"not a packet at all, but long enough")
+
+
+def test_open_packet_reports_the_prefix_and_a_model_mismatch_is_both_error_kinds():
+    packet = seed_packets()[4]  # built in place: with header padding
+    opened = wire.open_packet(packet)
+    assert opened.total == len(packet) and opened.header_pad > 0 and opened.header["kind"] == "latent"
+    assert wire.decode_packet(opened).sender == decode(packet).sender
+    other = encode(LatentMessage("a", make_memory(fingerprint="model-b")))
+    with pytest.raises(IncompatibleMemoryError, match="model-b"):
+        decode(other, expect_fingerprint="model-a")
+    assert issubclass(ModelMismatchError, PacketError)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_an_item_split_from_a_batch_is_built_in_its_packet(per_head):
+    memory = make_memory(batch=2, tokens=9, dim=8, layers=3, per_head=per_head)  # item 0 has a PAD slot
+    arena = wire.PacketArena(min_bytes=0)
+    item = split_items(memory, [arena.allocate, None])[0]
+    packet = encode(LatentMessage("planner", item, "h:budget=4"), into=arena)
+    assert packet is arena.buffer and arena.finished
+    _same_memory(split_items(memory)[0], decode(packet).memory)

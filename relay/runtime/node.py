@@ -1,43 +1,48 @@
 """Running one graph node for a batch of items: inbox -> prompt -> agent step -> outgoing messages.
 
-Shared by the local and the Ray runtimes. Sender-side, every latent out-edge applies its compression recipe and
-every message is measured by the bytes it occupies on the wire (it is encoded only when it leaves the process);
-receiver-side, latent messages are unpacked and concatenated in topological order of their senders, text messages
-become labelled sections of the prompt.
+Shared by the local and the Ray runtimes. Receiver-side, latent messages are unpacked (dequantized where a recipe
+quantized them) and concatenated in topological order of their senders; text messages become labelled sections of
+the prompt. Sender-side, every latent out-edge with a recipe compresses the step's whole batch at once
+(:func:`latent_relay.compression.recipes.compress_batch`), and every message is measured by the bytes it occupies
+on the wire; it is encoded only when it leaves the process, and then compression builds it in place, inside the
+packet that will carry it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from latent_relay.agents.decoding import DecodeConfig
 from latent_relay.agents.prompts import agent_message, chat_ids
-from latent_relay.agents.runner import ModelRunner
-from latent_relay.relay.graph import AgentGraph
+from latent_relay.agents.runner import AgentOutput, ModelRunner
+from latent_relay.compression.quant import unpack
+from latent_relay.compression.recipes import compress_batch
+from latent_relay.relay import wire
+from latent_relay.relay.decode_config import DecodeConfig
+from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.memory import concat_memories
 from latent_relay.relay.messages import LatentMessage, TextMessage
 
 Message = TextMessage | LatentMessage
 
 
-def edge_key(source: str, target: str) -> str:
-    return f"{source}->{target}"
-
-
 @dataclass
 class NodeOutput:
-    """One node's results for a batch: per-item messages per out-edge, texts, tokens, and costs."""
+    """One node's results for a batch: per-item messages, wire sizes and compression metrics per out-edge, texts,
+    tokens and costs. ``packets`` holds the encoded messages of the edges that leave the process.
 
-    outgoing: dict[str, list[Message]] = field(default_factory=dict)
+    The same object crosses Ray from a host to the driver, without ``outgoing`` and ``packets`` (the messages stay
+    on the host or travel as packets of their own)."""
+
+    outgoing: dict[Edge, list[Message]] = field(default_factory=dict)
     texts: list[str] | None = None
     output_tokens: list[int] = field(default_factory=list)
     thoughts: int = 0
     seconds: float = 0.0
-    edge_bytes: dict[str, list[int]] = field(default_factory=dict)
-    edge_metrics: dict[str, list[dict]] = field(default_factory=dict)
-    packets: dict[str, list[bytes | bytearray]] = field(default_factory=dict)  # packets of the edges asked for
+    edge_bytes: dict[Edge, list[int]] = field(default_factory=dict)
+    edge_metrics: dict[Edge, list[dict]] = field(default_factory=dict)
+    packets: dict[Edge, list[bytes | bytearray]] = field(default_factory=dict)
 
 
 class NodeExecutor:
@@ -53,22 +58,21 @@ class NodeExecutor:
         graph: AgentGraph,
         name: str,
         questions: Sequence[str],
-        inboxes: Sequence[Sequence[Message]],
+        inbox: Mapping[Edge, Sequence[Message]],
         answer_format: str = "",
-        keep_packets: Collection[str] = (),
+        exports: Collection[Edge] = (),
     ) -> NodeOutput:
-        """Run node ``name`` for every item; ``inboxes[b]`` holds item ``b``'s messages in parent order.
+        """Run node ``name`` for every item; ``inbox[edge][b]`` is item ``b``'s message along each in-edge.
 
-        Every message is measured by its wire size; only the edges named in ``keep_packets`` (those that cross to
-        another process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
-        from latent_relay.relay.wire import PacketArena, encode, encoded_size
-
+        Every message is measured by its wire size; only the edges in ``exports`` (those that cross to another
+        process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
         start = time.perf_counter()
         node = graph.node(name)
+        received = self._received(graph, name, len(questions), inbox)
         memories, prompts = [], []
-        for question, inbox in zip(questions, inboxes):
-            latent = [m.unpacked() for m in inbox if isinstance(m, LatentMessage)]
-            texts = [(m.sender, m.texts[0]) for m in inbox if isinstance(m, TextMessage)]
+        for question, messages in zip(questions, received):
+            latent = [unpack(m) for m in messages if isinstance(m, LatentMessage)]
+            texts = [(m.sender, m.texts[0]) for m in messages if isinstance(m, TextMessage)]
             memories.append(concat_memories(latent) if latent else None)
             message = agent_message(
                 node.role_name,
@@ -81,48 +85,55 @@ class NodeExecutor:
             prompts.append(chat_ids(self.tokenizer, message, continues=bool(latent)))
         thoughts = graph.thinks(name)
         edges = graph.outgoing(name)
-        observe = thoughts > 0 and any(e.recipe for e in edges)
+        observe = thoughts > 0 and any(e.recipe is not None for e in edges)
         decode = (node.decoding or self.default_decode) if graph.decodes(name) else None
         out = self.runner.step(memories, prompts, name, thoughts=thoughts, decode=decode, observe=observe)
 
         result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
         for e in edges:
-            key = edge_key(e.source, e.target)
-            messages, sizes, metrics, packets = [], [], [], []
-            output_proj = self._output_proj(e.recipe) if e.is_latent else None
-            for b, memory in enumerate(out.memories):
-                # a packet that will be sent is built in place: compression writes the memory into it
-                arena = PacketArena() if e.is_latent and e.recipe and key in keep_packets else None
-                if e.is_latent:
-                    msg, info = self._latent_message(name, memory, out.observations, b, e.recipe, output_proj, arena)
-                else:
-                    msg, info = TextMessage(name, [out.texts[b]]), {}
-                messages.append(msg)
-                metrics.append(info)
-                if key in keep_packets:
-                    packets.append(encode(msg, into=arena))
-                # a packet built in place also carries header padding; counting without it keeps relay bytes the
-                # same whatever the placement
-                sizes.append(encoded_size(msg))
-            result.outgoing[key], result.edge_bytes[key], result.edge_metrics[key] = messages, sizes, metrics
-            if key in keep_packets:
-                result.packets[key] = packets
+            self._send(result, name, e, out, e in exports)
         result.seconds = time.perf_counter() - start
         return result
 
-    def _output_proj(self, recipe: str | None):
-        """The model's attention output projections where the edge's recipe scores with them (``value=wo``)."""
-        from latent_relay.compression.recipes import parse_recipe
-
-        return self.runner.output_projections() if recipe and parse_recipe(recipe).needs_output_proj else None
-
     @staticmethod
-    def _latent_message(sender, memory, observations, b, recipe, output_proj=None, arena=None):
-        if not recipe:
-            return LatentMessage(sender, memory), {}
-        from latent_relay.compression.recipes import compress
+    def _received(graph: AgentGraph, name: str, n: int, inbox: Mapping[Edge, Sequence[Message]]) -> list[list]:
+        """Per item, the messages of ``name``'s in-edges, parents in topological order."""
+        received: list[list] = [[] for _ in range(n)]
+        for e in graph.incoming(name):
+            messages = inbox.get(e)
+            if messages is None or len(messages) != n:
+                got = "none" if messages is None else len(messages)
+                raise ValueError(f"node {name!r} needs {n} messages along edge {e.key}, got {got}")
+            for b, m in enumerate(messages):
+                received[b].append(m)
+        return received
 
-        observation = observations[b] if observations is not None else None
-        allocate = arena.allocate if arena else None
-        packed, metrics = compress(memory, observation, recipe, output_proj=output_proj, allocate=allocate)
-        return LatentMessage(sender, packed, recipe=recipe, metrics=metrics), metrics
+    def _send(self, result: NodeOutput, name: str, e: Edge, out: AgentOutput, export: bool) -> None:
+        """Build edge ``e``'s per-item messages from the step's output, measure them, and encode them if exported."""
+        n = out.batch_memory.batch_size
+        arenas: list[wire.PacketArena | None] = [None] * n
+        metrics: list[dict] = [{} for _ in range(n)]
+        if not e.is_latent:
+            messages = [TextMessage(name, [text]) for text in out.texts]
+        elif e.recipe is None:
+            messages = [LatentMessage(name, memory) for memory in out.memories]
+        else:
+            if export and e.recipe.takes_allocator:  # a packet to send is built in place: the memory is written into it
+                arenas = [wire.PacketArena() for _ in range(n)]
+            output_proj = self.runner.output_projections() if e.recipe.needs_output_proj else None
+            packed, metrics = compress_batch(
+                out.batch_memory,
+                out.batch_observation,
+                e.recipe,
+                output_proj,
+                allocators=[a.allocate if a is not None else None for a in arenas],
+            )
+            recipe = e.recipe.canonical
+            messages = [LatentMessage(name, p, recipe=recipe, metrics=m) for p, m in zip(packed, metrics, strict=True)]
+        result.outgoing[e], result.edge_metrics[e] = messages, list(metrics)
+        if export:
+            packets = [wire.encode(msg, into=arena) for msg, arena in zip(messages, arenas)]
+            # a packet built in place also carries header padding: relay bytes count without it, whatever the placement
+            result.packets[e], result.edge_bytes[e] = packets, [wire.packet_size(p) for p in packets]
+        else:
+            result.edge_bytes[e] = [wire.encoded_size(msg) for msg in messages]

@@ -1,4 +1,4 @@
-"""Long fuzz of relay/wire.py: ``python tests/fuzz/fuzz_wire.py --n 1000000`` (not collected by pytest).
+"""Long fuzz of relay/wire/: ``python tests/fuzz/fuzz_wire.py --n 1000000`` (not collected by pytest).
 
 Cycles through random inputs, byte mutations of small valid packets of every kind (only an edit that leaves
 the packet unchanged may decode), and forged packets (valid

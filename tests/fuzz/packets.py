@@ -9,6 +9,8 @@ from latent_relay.compression.quant import quantize_memory
 from latent_relay.relay import wire
 from latent_relay.relay.memory import KVState, Segment
 from latent_relay.relay.messages import LatentMessage, TextMessage
+from latent_relay.relay.wire.checksum import digest
+from latent_relay.relay.wire.format import align
 
 
 def make_memory(
@@ -49,7 +51,8 @@ def make_memory(
 
 
 def memory_tensors(memory: KVState) -> list[torch.Tensor]:
-    """A memory's tensors in the order a :data:`latent_relay.relay.memory.TensorAllocator` is asked for them."""
+    """A memory's tensors in the order a :data:`latent_relay.relay.memory.TensorAllocator` is asked for them (written
+    out here, not taken from the frame spec, so that tests hold the spec to it)."""
     return [memory.segment, memory.agent, memory.position, *(t for kv in zip(memory.keys, memory.values) for t in kv)]
 
 
@@ -92,7 +95,7 @@ def seed_packets() -> list[bytes]:
 def split(packet: bytes) -> tuple[dict, bytes, int, int]:
     """``(header, stored payload, raw length, flags)`` of a valid packet."""
     _, _, flags, hlen, pad, slen, rlen = wire.PREFIX.unpack_from(packet)
-    off = wire._align(wire.PREFIX.size + hlen) + pad
+    off = align(wire.PREFIX.size + hlen) + pad
     header = msgpack.unpackb(packet[wire.PREFIX.size : wire.PREFIX.size + hlen], raw=False)
     return header, packet[off : off + slen], rlen, flags
 
@@ -113,5 +116,5 @@ def seal(
     raw_len = len(stored) if raw_len is None else raw_len
     prefix = wire.PREFIX.pack(wire.MAGIC, version, flags, len(head_bytes), header_pad, len(stored), raw_len)
     head = prefix + head_bytes
-    head += bytes(wire._align(len(head)) - len(head)) + (bytes(header_pad) if padding is None else padding)
-    return head + stored + wire._digest(head, memoryview(stored))
+    head += bytes(align(len(head)) - len(head)) + (bytes(header_pad) if padding is None else padding)
+    return head + stored + digest(head, memoryview(stored))

@@ -1,4 +1,4 @@
-"""CI fuzz of relay/wire.py (issue 4): 10,500 random, mutated and forged inputs see only PacketError.
+"""CI fuzz of relay/wire/ (issue 4): 10,500 random, mutated and forged inputs see only PacketError.
 
 Three hypothesis tests (3,500 examples each) drive :mod:`tests.fuzz.mutate` with a hypothesis-chosen seed;
 each input must decode or raise a PacketError, within a second, without growing the process by more than

@@ -6,9 +6,9 @@ import os
 import re
 import textwrap
 
-from latent_relay.benchmarks.tasks.base import Task, TaskItem, check_n
-from latent_relay.benchmarks.tasks.data import data_file, read_jsonl
-from latent_relay.benchmarks.tasks.sandbox import DEFAULT_MEMORY_BYTES, RunResult, run_python
+from latent_relay.tasks.base import Task, TaskItem, check_n
+from latent_relay.tasks.data import data_file, read_jsonl
+from latent_relay.tasks.sandbox import DEFAULT_MEMORY_BYTES, RunResult, run_python
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_LANGS = {"", "python", "py", "python3", "py3"}

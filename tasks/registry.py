@@ -1,4 +1,4 @@
-"""Benchmark tasks: loaders for the shared evaluation data and scorers for final answers.
+"""The task registry: loaders for the shared evaluation data and scorers for final answers, by name.
 
 `get_task(name)` returns a `Task` with `name`, `answer_format` (the instruction for the final agent),
 `load(n, data_dir=None) -> list[TaskItem]` and `score(item, answer_text) -> bool`.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from latent_relay.benchmarks.tasks.base import Task, TaskItem
-from latent_relay.benchmarks.tasks.data import DataNotFoundError
-from latent_relay.benchmarks.tasks.gsm8k import GSM8K
-from latent_relay.benchmarks.tasks.humaneval import HumanEval
-from latent_relay.benchmarks.tasks.medqa import MedQA
+from latent_relay.tasks.base import Task, TaskItem
+from latent_relay.tasks.data import DataNotFoundError
+from latent_relay.tasks.gsm8k import GSM8K
+from latent_relay.tasks.humaneval import HumanEval
+from latent_relay.tasks.medqa import MedQA
 
 TASKS: dict[str, Callable[[], Task]] = {"gsm8k": GSM8K, "humaneval": HumanEval, "medqa": MedQA}
 

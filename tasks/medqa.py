@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 
-from latent_relay.benchmarks.tasks.base import Task, TaskItem, check_n
-from latent_relay.benchmarks.tasks.data import data_file, read_json
+from latent_relay.tasks.base import Task, TaskItem, check_n
+from latent_relay.tasks.data import data_file, read_json
 
 LETTERS = "ABCDE"
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?![A-Za-z])")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "RELAY_DATA_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[2]  # benchmarks/tasks/data.py -> repository root
+REPO_ROOT = Path(__file__).resolve().parents[1]  # tasks/data.py -> repository root
 
 
 class DataNotFoundError(FileNotFoundError):

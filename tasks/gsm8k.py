@@ -6,8 +6,8 @@ import math
 import os
 import re
 
-from latent_relay.benchmarks.tasks.base import Task, TaskItem, check_n
-from latent_relay.benchmarks.tasks.data import data_file, read_jsonl
+from latent_relay.tasks.base import Task, TaskItem, check_n
+from latent_relay.tasks.data import data_file, read_jsonl
 
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 _FRAC = re.compile(r"\\d?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")

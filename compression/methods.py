@@ -1,0 +1,224 @@
+"""The steps a recipe is made of (NVIDIA kvpress style: one small frozen pydantic model per method, parameters
+instead of near-copies; the recipe names in :mod:`latent_relay.compression.presets` fix some of them).
+
+- :class:`ScoredEviction`: score the current agent's prompt tokens, keep the top ``budget`` with a selector from
+  :data:`latent_relay.compression.selectors.SELECTORS`, optionally fold what was evicted back in with Orthogonal
+  Backfill (:class:`Backfill`).
+- :class:`GenerationOnly`: drop the current agent's whole prompt region.
+- :class:`Quantize`: KIVI-style packing to ``bits`` bits, always a recipe's last step.
+
+Every step works on a whole (padded) batch; an eviction step returns an :class:`Evicted` that gives the metrics of
+the batch or of one of its items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from latent_relay.compression.backfill import (
+    BackfillConfig,
+    BackfillResult,
+    Solver,
+    apply_backfill,
+    orthogonal_backfill,
+)
+from latent_relay.compression.quant import quantize_memory
+from latent_relay.compression.scores import compute_scores
+from latent_relay.compression.selectors import (
+    SELECTORS,
+    Selection,
+    current_agent_index,
+    gather_selection,
+    prompt_mask,
+    select_generation_only,
+)
+from latent_relay.relay.memory import KVState, TensorAllocator
+from latent_relay.relay.observation import Observation
+
+if TYPE_CHECKING:
+    from latent_relay.compression.quant import QuantizedMemory
+
+Metrics = dict[str, Any]
+
+
+class RecipeError(ValueError):
+    """A recipe string (or a recipe applied to a memory) is malformed."""
+
+
+class Method(BaseModel):
+    """One step of a recipe; ``kind`` says whether it evicts tokens or quantizes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: ClassVar[Literal["evict", "quant"]] = "evict"
+
+    def options(self) -> dict[str, Any]:
+        """The step's parameters as flat recipe options (``budget``, ``rank``, ...)."""
+        return self.model_dump()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Method:
+        """The step with these flat recipe options (validated; raises pydantic's ``ValidationError``)."""
+        return cls.model_validate(options)
+
+    @property
+    def name(self) -> str:
+        """The recipe name of this step (its preset)."""
+        from latent_relay.compression.presets import preset_of  # the presets are built from these classes
+
+        return preset_of(self).name
+
+    @property
+    def canonical(self) -> str:
+        from latent_relay.compression.presets import preset_of
+
+        return preset_of(self).canonical(self)
+
+
+@dataclass
+class Evicted:
+    """What an eviction step made of a batch: the new memory (PAD slots where items differ), the selection on the
+    original slot layout, and the backfill solution where the step backfilled."""
+
+    memory: KVState
+    selection: Selection
+    backfill: BackfillResult | None = None
+
+    def metrics(self, item: int | None = None) -> Metrics:
+        """``retained_fraction``, ``prompt_tokens``, ``kept_prompt_tokens`` and the OBF diagnostics, of the whole
+        batch or of batch item ``item``."""
+        prompt, kept = self.selection.prompt_tokens, self.selection.kept
+        if item is not None:
+            prompt, kept = prompt[item : item + 1], kept[item : item + 1]
+        total = int(prompt.sum())
+        metrics: Metrics = {
+            "retained_fraction": 1.0 if total == 0 else float(kept.sum()) / total,
+            "prompt_tokens": total,
+            "kept_prompt_tokens": int(kept.sum()),
+        }
+        if self.backfill is not None:
+            metrics.update(self.backfill.diagnostics(item))
+        return metrics
+
+
+class Eviction(Method):
+    """A step that removes prompt tokens. ``allocate`` (optional) makes the tensors of the memory it builds, e.g.
+    inside the packet that will carry it (:meth:`latent_relay.relay.wire.PacketArena.allocate`)."""
+
+    def evict(
+        self,
+        memory: KVState,
+        observation: Observation | None,
+        output_proj: Sequence[torch.Tensor] | None = None,
+        allocate: TensorAllocator | None = None,
+    ) -> Evicted:
+        raise NotImplementedError
+
+
+class Backfill(BaseModel):
+    """Orthogonal Backfill options of a scored eviction (arXiv 2604.13349): the recipe-facing part of
+    :class:`~latent_relay.compression.backfill.BackfillConfig`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rank: int | Literal["all"] = Field(4, description="residual directions p (or all)")
+    solver: Solver = Field(
+        "subspace",
+        description="subspace (batched subspace iteration on the residual Gram matrices), eigh (batched eigen-solve "
+        "of the same Gram matrices) or exact (QR + SVD)",
+    )
+    inject: Literal["uniform", "attention"] = "uniform"
+    scale: Literal["ratio", "none", "share"] = "ratio"
+    ablation: Literal["none", "no-projection", "naive-aggregation", "no-scaling", "all-components"] = "none"
+
+    def config(self) -> BackfillConfig:
+        cfg = BackfillConfig(
+            rank=None if self.rank == "all" else self.rank, solver=self.solver, inject=self.inject, scale=self.scale
+        )
+        return cfg.with_ablation(self.ablation) if self.ablation != "none" else cfg
+
+
+class ScoredEviction(Eviction):
+    """Keep the top-``budget`` prompt tokens of the current agent by latent-query attention (the Orthogonal
+    Backfill paper, arXiv 2604.13349), per (layer, KV head) with the ``head`` selector (H) or one set per layer
+    shared by all KV heads with ``layer`` (L); optionally SnapKV average pooling of the scores (arXiv 2404.14469),
+    value-aware scores (VATP arXiv 2406.12335, arXiv 2605.08234) and Orthogonal Backfill of the evicted values into
+    the kept ones (``backfill``; H-OBF and L-OBF, arXiv 2604.13349)."""
+
+    selector: str = "head"
+    budget: int = Field(32, ge=1, description="prompt tokens each head keeps")
+    pool: int = Field(1, ge=1, description="SnapKV average-pooling kernel along tokens (1 = none)")
+    value: Literal["none", "l1", "l2", "wo"] = Field("none", description="value-aware score factor")
+    backfill: Backfill | None = None
+
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, name: str) -> str:
+        if name not in SELECTORS:
+            raise ValueError(f"unknown selector {name!r} (known: {', '.join(sorted(SELECTORS))})")
+        return name
+
+    def options(self) -> dict[str, Any]:
+        backfill = self.backfill.model_dump() if self.backfill is not None else {}
+        return {"selector": self.selector, "budget": self.budget, "pool": self.pool, "value": self.value, **backfill}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> ScoredEviction:
+        """``options`` may hold the :class:`Backfill` fields flat; ``backfill`` (a dict, possibly empty) turns
+        backfill on."""
+        flat = dict(options)
+        backfill = flat.pop("backfill", None)
+        nested = {key: flat.pop(key) for key in list(flat) if key in Backfill.model_fields}
+        if nested and backfill is None:
+            raise RecipeError(f"options {', '.join(nested)} need backfill")
+        if backfill is not None:
+            flat["backfill"] = {**backfill, **nested}
+        return cls.model_validate(flat)
+
+    def backfill_config(self) -> BackfillConfig | None:
+        """The :class:`BackfillConfig` of this step (``None`` without backfill)."""
+        if self.backfill is None:
+            return None
+        rank = self.backfill.rank
+        if isinstance(rank, int) and rank < 1:
+            raise RecipeError(f"bad value {rank!r} for option 'rank' of {self.name!r}: must be >= 1 or 'all'")
+        return self.backfill.config()
+
+    def evict(self, memory, observation, output_proj=None, allocate=None) -> Evicted:
+        if observation is None:
+            raise RecipeError(f"recipe step {self.name!r} ranks tokens by the agent's observation, but none was given")
+        config = self.backfill_config()
+        scores = compute_scores(memory, observation, pool=self.pool, value=self.value, output_proj=output_proj)
+        selection = SELECTORS[self.selector](
+            scores, prompt_mask(memory, current_agent_index(memory, observation)), self.budget
+        )
+        if config is None:
+            return Evicted(gather_selection(memory, selection, allocate).memory, selection)
+        result = orthogonal_backfill(memory, selection, scores, config)
+        # gathered after the solve, so that the new memory is still in cache when it is encoded
+        gathered = gather_selection(memory, selection, allocate)
+        return Evicted(apply_backfill(gathered, result, inplace=True), selection, result)
+
+
+class GenerationOnly(Eviction):
+    """Gen: drop the current agent's whole prompt region; sink, history and thoughts pass (arXiv 2604.13349)."""
+
+    def evict(self, memory, observation, output_proj=None, allocate=None) -> Evicted:
+        selection = select_generation_only(prompt_mask(memory, current_agent_index(memory, observation)))
+        return Evicted(gather_selection(memory, selection, allocate).memory, selection)
+
+
+class Quantize(Method):
+    """KIVI-style asymmetric quantization, keys per channel, values per token (arXiv 2402.02750), ``bits`` 8 or 4
+    (two codes per byte), applied last; the quantization baseline of arXiv 2604.13349, here with real packing.
+
+    It takes no tensor allocator: the packed codes are new tensors, so a packet that carries them copies them."""
+
+    kind: ClassVar[Literal["evict", "quant"]] = "quant"
+    bits: Literal[8, 4] = 8
+
+    def quantize(self, memory: KVState) -> tuple[QuantizedMemory, Metrics]:
+        return quantize_memory(memory, self.bits), {"bits": self.bits}
