@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from latent_relay.agents.decoding import DecodeConfig
-from latent_relay.agents.models import resolve_model
-from latent_relay.agents.runner import ModelRunner
-from latent_relay.relay.graph import AgentGraph, Edge, Node
-from latent_relay.relay.results import summarize
-from latent_relay.relay.runtime.local import LocalRuntime
-from latent_relay.relay.runtime.node import NodeExecutor
-from latent_relay.tasks.registry import get_task
+from latent_relay import AgentGraph, DecodeConfig, Edge, LocalRuntime, Node, RayRuntime, get_task, load_model, summarize
 
 
 def build(recipe: str, latent_steps: int) -> AgentGraph:
@@ -63,17 +56,12 @@ def main() -> None:
     decode = DecodeConfig(max_new_tokens=256)
 
     if args.runtime == "ray":
-        from latent_relay.relay.runtime.ray_runtime import RayRuntime
-
         placement = {"solver": "solver-host", "checker": "judge-host", "judge": "judge-host"}
         with RayRuntime(args.model, decode=decode, address=args.address, placement=placement) as runtime:
             results = runtime.run(graph, task, items, "custom", batch_size=2)
     else:
-        loaded = resolve_model(args.model)
-        runner = ModelRunner.from_loaded(loaded)
-        results = LocalRuntime(NodeExecutor(runner, decode), loaded.name).run(
-            graph, task, items, "custom", batch_size=2
-        )
+        runtime = LocalRuntime(load_model(args.model), decode=decode)
+        results = runtime.run(graph, task, items, "custom", batch_size=2)
     for r in results:
         print(f"--- item {r.item_id}: {'correct' if r.correct else 'wrong'} (gold {r.gold})")
         for edge, n in r.edge_bytes.items():

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from latent_relay.agents.decoding import DecodeConfig
-from latent_relay.agents.models import resolve_model
-from latent_relay.agents.runner import ModelRunner
-from latent_relay.relay.graph import hierarchical
-from latent_relay.relay.results import summarize
-from latent_relay.relay.runtime.local import LocalRuntime
-from latent_relay.relay.runtime.node import NodeExecutor
-from latent_relay.tasks.registry import get_task
+from latent_relay import DecodeConfig, LocalRuntime, get_task, hierarchical, load_model, summarize
 
 
 def main() -> None:
@@ -39,10 +32,7 @@ def main() -> None:
     task = get_task(args.task)
     items = task.load(args.n, data_dir=args.data_dir)
 
-    loaded = resolve_model(args.model)
-    runner = ModelRunner.from_loaded(loaded)
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
-    runtime = LocalRuntime(NodeExecutor(runner, decode), loaded.name)
+    runtime = LocalRuntime(load_model(args.model), decode=DecodeConfig(max_new_tokens=args.max_new_tokens))
 
     results = runtime.run(graph, task, items, args.relay, batch_size=2)
     for r in results:

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from latent_relay.agents.decoding import DecodeConfig
-from latent_relay.agents.models import resolve_model
-from latent_relay.agents.runner import ModelRunner
-from latent_relay.relay.graph import build_graph
-from latent_relay.relay.results import summarize
-from latent_relay.relay.runtime.local import LocalRuntime
-from latent_relay.relay.runtime.node import NodeExecutor
-from latent_relay.tasks.registry import get_task
+from latent_relay import DecodeConfig, LocalRuntime, build_graph, get_task, load_model, summarize
 
 
 def main() -> None:
@@ -34,10 +27,8 @@ def main() -> None:
     task = get_task("gsm8k")
     items = task.load(args.n, data_dir=args.data_dir)
 
-    loaded = resolve_model(args.model)  # weights shared by all four agents
-    runner = ModelRunner.from_loaded(loaded)
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
-    runtime = LocalRuntime(NodeExecutor(runner, decode), loaded.name)
+    model = load_model(args.model)  # weights shared by all four agents
+    runtime = LocalRuntime(model, decode=DecodeConfig(max_new_tokens=args.max_new_tokens))
 
     results = runtime.run(graph, task, items, args.relay, batch_size=2)
     for r in results:

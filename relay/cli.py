@@ -208,11 +208,9 @@ def _run(args) -> int:
 
 def _runtime(args):
     from latent_relay.agents.latent import LatentInput
-    from latent_relay.agents.models import hide_loading_progress, resolve_model
-    from latent_relay.agents.runner import ModelRunner
+    from latent_relay.agents.models import hide_loading_progress
     from latent_relay.relay.decode_config import DecodeConfig
     from latent_relay.relay.runtime.local import LocalRuntime
-    from latent_relay.relay.runtime.node import NodeExecutor
 
     latent = LatentInput(args.latent_input, temperature=args.soft_temperature)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens)
@@ -229,8 +227,7 @@ def _runtime(args):
             timeout=args.timeout,
         )
     hide_loading_progress()  # our own progress line says when the model is loaded
-    loaded = resolve_model(args.model, device=args.device, dtype=args.dtype)
-    return LocalRuntime(NodeExecutor(ModelRunner.from_loaded(loaded, latent=latent), decode), model_name=loaded.name)
+    return LocalRuntime(args.model, latent=latent, decode=decode, device=args.device, dtype=args.dtype)
 
 
 def _run_mode(runtime, graph, task, items, mode, args, writer):

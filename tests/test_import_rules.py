@@ -162,3 +162,24 @@ def test_the_rule_catches_a_cycle(tmp_path):
     planted = tmp_path / "relay" / "memory.py"  # relay/messages.py imports relay/memory.py at module level
     planted.write_text("from latent_relay.relay.messages import TextMessage\n" + planted.read_text())
     assert any(v.startswith("import cycle") and "relay.messages" in v for v in violations(tmp_path))
+
+
+def test_the_public_api_holds_what_users_need():
+    import latent_relay
+
+    for name in ("AgentGraph", "Edge", "Node", "LocalRuntime", "RayRuntime", "load_model", "compress", "get_task"):
+        assert name in latent_relay.__all__ and getattr(latent_relay, name) is not None
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_examples_use_only_the_public_api(example):
+    """An example is what a user copies: it imports nothing private (only ``from latent_relay import <public>``)."""
+    import latent_relay
+
+    tree = ast.parse((ROOT / "examples" / example).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("latent_relay") for a in node.names), f"{example}:{node.lineno}"
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latent_relay"):
+            assert node.module == "latent_relay", f"{example}:{node.lineno}: imports {node.module}"
+            assert {a.name for a in node.names} <= set(latent_relay.__all__), f"{example}:{node.lineno}"

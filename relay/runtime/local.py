@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from latent_relay.agents.latent import LatentInput
+from latent_relay.agents.models import LoadedModel, resolve_model
+from latent_relay.agents.runner import ModelRunner
+from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.results import ItemResult, ResultWriter
 from latent_relay.relay.runtime.node import Message, NodeExecutor, NodeOutput
@@ -19,10 +23,32 @@ def batches(items: Sequence, size: int):
 
 
 class LocalRuntime:
-    """Runs graphs over task items in this process (see :class:`NodeExecutor` for one node's work)."""
+    """Runs graphs over task items in this process, every node on one shared model (see :class:`NodeExecutor` for
+    one node's work).
 
-    def __init__(self, executor: NodeExecutor, model_name: str = ""):
-        self.executor = executor
+    ``model``: a model reference (loaded with :func:`latent_relay.agents.models.resolve_model` on ``device`` /
+    ``dtype``), a model :func:`~latent_relay.agents.models.resolve_model` loaded, or a ready
+    :class:`NodeExecutor` (then ``latent`` and ``decode`` are its own). ``latent`` says how a hidden state becomes
+    the next input (:class:`~latent_relay.agents.latent.LatentInput`), ``decode`` how nodes without their own
+    decoding settings decode. ``model_name`` labels the records (default: the loaded model's name).
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel | NodeExecutor,
+        model_name: str = "",
+        *,
+        latent: LatentInput | None = None,
+        decode: DecodeConfig | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+    ):
+        if isinstance(model, NodeExecutor):
+            self.executor = model
+        else:
+            loaded = resolve_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
+            self.executor = NodeExecutor(ModelRunner.from_loaded(loaded, latent=latent), decode)
+            model_name = model_name or loaded.name
         self.model_name = model_name
 
     def run(
