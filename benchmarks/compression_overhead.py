@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from latent_relay.compression.backfill import BackfillConfig, backfill_reference_loop, orthogonal_backfill
+from latent_relay.compression.backfill import BackfillConfig, orthogonal_backfill
+from latent_relay.compression.backfill_reference import backfill_reference_loop
 from latent_relay.compression.recipes import compress
 from latent_relay.compression.scores import compute_scores
 from latent_relay.compression.selectors import (
@@ -89,7 +90,8 @@ def random_cache(
 
 def spectral_gap(memory: KVState, selection, scores: torch.Tensor, rank: int) -> torch.Tensor:
     """``sigma_p / sigma_{p+1}`` of every problem's residual ``R`` ``[L, B, H]`` (from the eigenvalues of R^T R)."""
-    from latent_relay.compression.backfill import _prompt_span, _weights_hat, kept_basis, layer_residual_gram
+    from latent_relay.compression.backfill import _weights_hat
+    from latent_relay.compression.backfill_solvers import _prompt_span, kept_basis, layer_residual_gram
 
     L, b, h, d = memory.num_layers, memory.batch_size, memory.num_kv_heads, memory.head_dim
     keep = selection.keep.expand(L, b, h, memory.num_tokens)

@@ -1,6 +1,6 @@
 /* The CPU steps of Orthogonal Backfill's fast path (arXiv 2604.13349; METHODS.md section 3), per (item, layer, KV
    head) problem, each problem's matrices kept in cache. Plain-torch twins (tested against these): the functions named
-   in kernels/obf.py and compression.backfill.top_directions_subspace.
+   in kernels/obf.py and compression.backfill_solvers.top_directions_subspace.
 
    evicted_gram    S = Y_D^T Y_D and u = w^T Y_D from a layer's values, Y_D the evicted rows in float32: one pass over
                    the values (bf16 / fp16 / fp32), S from its upper-triangle blocks only (half the flops), mirrored.
@@ -171,8 +171,8 @@ int evicted_gram(const void *values, int dtype, int64_t stride_b, int64_t stride
 
 /* In place, for each problem's symmetric S (d x d) and Q^T (k x d: orthonormal rows, or zero rows): the residual Gram
    G = P S P with P = I - Q^T Q, as G = S - E - E^T with E = (S Q^T - Q^T (Q S Q^T) / 2) Q (d x d x k products instead
-   of d x d x d ones), the formula of the torch twin (compression.backfill.layer_residual_gram). G stays exactly
-   symmetric. Returns 0, 1 for an unsupported d or k, 2 when a thread's work space could not be allocated. */
+   of d x d x d ones), the formula of the torch twin (compression.backfill_solvers.layer_residual_gram). G stays
+   exactly symmetric. Returns 0, 1 for an unsupported d or k, 2 when a thread's work space could not be allocated. */
 int project_gram(float *gram, const float *qt, int64_t problems, int d, int k) {
     if (d <= 0 || d % 16 != 0 || k < 0) return 1;
     if (k == 0) return 0;
@@ -286,10 +286,11 @@ static void jacobi_eigh(double *a, int n, double *v, double *eval) {
 }
 
 /* Top-p eigenvectors of each symmetric PSD d x d matrix in gram (problems x d x d) by orthogonal iteration, the
-   torch twin's algorithm (compression.backfill.top_directions_subspace with orth_every = 2): from the start block
-   (width x d, orthonormal rows), `reps` products with G^2 (built as G^T G from the symmetric half), each followed by
-   a re-orthonormalisation, then Rayleigh-Ritz with G. Writes the directions as rows of c (problems x p x d) and
-   steep[i] = 1 where the p-th Ritz value is below steep_ratio of the first (the caller hands those to eigh).
+   torch twin's algorithm (compression.backfill_solvers.top_directions_subspace with orth_every = 2): from the start
+   block (width x d, orthonormal rows), `reps` products with G^2 (built as G^T G from the symmetric half), each
+   followed by a re-orthonormalisation, then Rayleigh-Ritz with G. Writes the directions as rows of c
+   (problems x p x d) and steep[i] = 1 where the p-th Ritz value is below steep_ratio of the first (the caller hands
+   those to eigh).
    Returns 0, 1 for unsupported sizes, 2 when a thread's work space could not be allocated. */
 int top_directions(const float *gram, int64_t problems, int d, int p, int width, int reps, const float *start,
                    float steep_ratio, float *c, uint8_t *steep) {

@@ -15,9 +15,9 @@ these kernels is timed by ``benchmarks/compression_overhead.py`` (its ``/torch``
 kept span (twin :func:`project_gram_ref`).
 
 **Top-p eigenvectors of the residual Gram matrices.** :func:`top_directions_native` runs, per problem, the
-orthogonal iteration of :func:`latent_relay.compression.backfill.top_directions_subspace` (its plain-torch twin) with
-each problem's matrices kept in cache, Gram-Schmidt re-orthonormalisation and a Jacobi eigen-solve for Rayleigh-Ritz,
-instead of a sequence of small batched torch and LAPACK calls.
+orthogonal iteration of :func:`latent_relay.compression.backfill_solvers.top_directions_subspace` (its plain-torch
+twin) with each problem's matrices kept in cache, Gram-Schmidt re-orthonormalisation and a Jacobi eigen-solve for
+Rayleigh-Ritz, instead of a sequence of small batched torch and LAPACK calls.
 
 ``RELAY_KERNELS=torch`` (or ``backend="torch"``) forces the torch path; ``backend="native"`` raises
 :class:`latent_relay.kernels.native.NativeKernelUnavailable` where the compiled kernel cannot run.
@@ -154,9 +154,9 @@ def top_directions_native(
     bool ``[N]`` marking steep spectra (p-th Ritz value below ``steep_ratio`` of the first; solve those with eigh).
 
     From ``start`` ``[width, d]`` (orthonormal rows), ``reps`` products with ``G^2``, each re-orthonormalised, then
-    Rayleigh-Ritz with ``G``: :func:`latent_relay.compression.backfill.top_directions_subspace`'s iteration with
-    ``orth_every=2`` and ``iterations = 2 * reps``. ``None`` where the torch path is to be taken (CPU float32 and
-    ``d % 16 == 0`` only).
+    Rayleigh-Ritz with ``G``: :func:`latent_relay.compression.backfill_solvers.top_directions_subspace`'s iteration
+    with ``orth_every=2`` and ``iterations = 2 * reps``. ``None`` where the torch path is to be taken (CPU float32
+    and ``d % 16 == 0`` only).
     """
     n, d = gram.shape[0], gram.shape[-1]
     width = start.shape[0]

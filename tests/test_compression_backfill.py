@@ -8,16 +8,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from latent_relay.compression.backfill import (
-    ABLATIONS,
-    BackfillConfig,
-    apply_backfill,
-    backfill_reference_loop,
-    kept_basis,
-    layer_residual_gram,
-    orthogonal_backfill,
-    top_directions_subspace,
-)
+from latent_relay.compression.backfill import ABLATIONS, BackfillConfig, apply_backfill, orthogonal_backfill
+from latent_relay.compression.backfill_reference import backfill_reference_loop
+from latent_relay.compression.backfill_solvers import kept_basis, layer_residual_gram, top_directions_subspace
 from latent_relay.compression.scores import compute_scores
 from latent_relay.compression.selectors import gather_selection, prompt_mask, select_headwise, select_layerwise
 from latent_relay.kernels.dispatch import backend_override
@@ -341,7 +334,7 @@ def test_layer_residual_gram_matches_the_explicit_residual(nearly_in_span):
 def test_layer_groups_give_the_same_answer(monkeypatch, solver):
     """The Gram solvers work a group of layers at a time; any grouping (uneven last group included) gives the same
     shifts and norms as one group of all layers."""
-    import latent_relay.compression.backfill as backfill
+    import latent_relay.compression.backfill_solvers as solvers
 
     lay = Layout(batch=2, layers=5, heads=2, head_dim=16, prompts=(20, 14), seed=3)
     memory, scores, selection = setup(lay, 5, layerwise=False)
@@ -349,7 +342,7 @@ def test_layer_groups_give_the_same_answer(monkeypatch, solver):
     whole = orthogonal_backfill(memory, selection, scores, cfg)
     per_layer = lay.batch * lay.heads * lay.head_dim**2 * 4
     for layers_per_group in (1, 2):
-        monkeypatch.setattr(backfill, "_GRAM_GROUP_BYTES", layers_per_group * per_layer)
+        monkeypatch.setattr(solvers, "_GRAM_GROUP_BYTES", layers_per_group * per_layer)
         got = orthogonal_backfill(memory, selection, scores, cfg)
         torch.testing.assert_close(got.shift, whole.shift, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got.residual_norm, whole.residual_norm)

@@ -200,7 +200,7 @@ def test_recipe_on_a_model_edge(recipe):
     from tests.tiny_agents import ITEMS, ByteTokenizer, FakeTask
 
     loaded = tiny_model("qwen2", 1)
-    runner = ModelRunner(loaded.model, ByteTokenizer(), loaded.fingerprint, LatentInput("soft"))
+    runner = ModelRunner.from_loaded(loaded, tokenizer=ByteTokenizer(), latent=LatentInput("soft"))
     runtime = LocalRuntime(NodeExecutor(runner, DecodeConfig(max_new_tokens=4)), model_name=loaded.name)
     graph = sequential(f"latent+{recipe}", latent_steps=2)
     records = runtime.run(graph, FakeTask(), ITEMS[:2], f"latent+{recipe}", batch_size=2)

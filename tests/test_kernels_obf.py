@@ -154,7 +154,7 @@ def _psd(n, d, decay, seed=0, rank=None):
 
 
 def _start(d, width):
-    from latent_relay.compression.backfill import _start_block
+    from latent_relay.compression.backfill_solvers import _start_block
 
     return _start_block(d, width, 0, "cpu", torch.float32).mT
 
@@ -162,7 +162,8 @@ def _start(d, width):
 @needs_native
 @pytest.mark.parametrize(("d", "p", "decay"), [(128, 4, 0.9), (64, 2, 0.8), (16, 4, 0.7)])
 def test_native_top_directions_match_the_eigenvectors_and_the_torch_twin(d, p, decay):
-    from latent_relay.compression.backfill import BackfillConfig, top_directions_subspace
+    from latent_relay.compression.backfill import BackfillConfig
+    from latent_relay.compression.backfill_solvers import top_directions_subspace
 
     gram, q = _psd(24, d, decay)
     width = min(d, p + 10)
