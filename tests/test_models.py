@@ -126,7 +126,7 @@ def test_unknown_reference_lists_bundled_models(isolated_cache):
 
 
 def test_list_bundled_default_first():
-    assert list_bundled() == ["qwen2.5-coder-0.5b", "smollm2-135m"]
+    assert list_bundled() == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m"]
     assert set(BUNDLED) == set(list_bundled())
 
 
