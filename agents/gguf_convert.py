@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from latent_relay.agents.converted_files import MARKER_FORMAT, make_private, record_files
 from latent_relay.agents.model_cache import COMPLETE_MARKER, log, write_json_atomic
 from latent_relay.agents.model_errors import ChecksumMismatchError
 
 CONVERTED_DTYPE = torch.float32  # exact on CPU; a 0.5B model is 2 GB in float32
-FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
 
@@ -52,7 +52,7 @@ def convert_gguf(sources: list[Path], source_sha256: str, staging: Path, *, name
 
     `sources` is one GGUF file or its ordered chunks; chunks are concatenated into a temporary file inside
     `staging` that is deleted afterwards. The SHA-256 of the bytes read must equal `source_sha256`.
-    Writes `latent_relay.json` (source SHA-256 and fingerprint) last, which marks the folder complete.
+    Writes `latent_relay.json` last, which marks the folder complete: see :func:`write_marker`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -89,16 +89,22 @@ def convert_gguf(sources: list[Path], source_sha256: str, staging: Path, *, name
         tokenizer.save_pretrained(staging)
         step("computing the fingerprint")
         fingerprint = fingerprint_fn(model, tokenizer)
-        write_json_atomic(
-            staging / COMPLETE_MARKER,
-            {
-                "format": FORMAT_VERSION,
-                "name": name,
-                "source_sha256": source_sha256,
-                "source_files": [str(p) for p in sources],
-                "fingerprints": {str(CONVERTED_DTYPE).removeprefix("torch."): fingerprint},
-            },
-        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    step("recording the SHA-256 of every file written")
+    marker = {
+        "name": name,
+        "source_sha256": source_sha256,
+        "source_files": [str(p) for p in sources],
+        "fingerprints": {str(CONVERTED_DTYPE).removeprefix("torch."): fingerprint},
+    }
+    write_marker(staging, marker)
     log(f"{name}: converted in {time.perf_counter() - started:.1f}s")
+
+
+def write_marker(folder: Path, fields: dict) -> None:
+    """Finish a converted folder: owner-only modes, then `latent_relay.json` with `fields`, the format and the
+    SHA-256, size and stamp of every file in the folder (`latent_relay.agents.converted_files`), written last."""
+    make_private(folder)
+    marker = {**fields, "format": MARKER_FORMAT, "files": record_files(folder)}
+    write_json_atomic(folder / COMPLETE_MARKER, marker)

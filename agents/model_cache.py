@@ -1,16 +1,15 @@
-"""The user cache of converted models: where it lives, and building a folder there exactly once.
+"""The user cache of converted models: where it lives, building a folder there exactly once, the hash index.
 
-`build_once` makes a folder atomically (built in a temporary sibling, then `os.rename`d into place) under an
-`fcntl` lock, so two processes racing to convert the same model do the work once: the loser waits for the lock
-and reuses the winner's folder.
+`build_once` makes a folder atomically (built in an owner-only temporary sibling, then `os.rename`d into place)
+under an `fcntl` lock, so two processes racing to convert the same model do the work once: the loser waits for the
+lock and reuses the winner's folder. The cache's folders are owner-only; one that another user owns or that others
+can write is refused (`latent_relay.kernels.cache_folder`, shared with the compiled kernels).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -18,6 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from latent_relay.kernels import cache_folder
+from latent_relay.kernels.cache_folder import cache_root, private_folder, refuse_untrusted, write_private
 
 COMPLETE_MARKER = "latent_relay.json"
 _CHUNK = 1 << 20
@@ -30,92 +32,61 @@ def log(message: str) -> None:
 
 def cache_dir() -> Path:
     """`RELAY_CACHE_DIR`, else `$XDG_CACHE_HOME/latent-relay`, else `~/.cache/latent-relay`."""
-    explicit = os.environ.get("RELAY_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "latent-relay"
+    return cache_root()
+
+
+def models_dir() -> Path:
+    """`<cache>/models`, created owner-only where missing; refused where it or the cache root is not this user's."""
+    return private_folder(cache_root() / "models", cache_root())
 
 
 @contextmanager
 def file_lock(lock_path: Path, waiting_message: str | None = None) -> Iterator[None]:
-    """Hold an exclusive `fcntl.flock` on `lock_path` (created if needed) for the duration of the block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting_message:
-                log(waiting_message)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold an exclusive `fcntl.flock` on `lock_path` (created owner-only if needed; its folder must exist)."""
+    with cache_folder.file_lock(lock_path, on_wait=(lambda: log(waiting_message)) if waiting_message else None):
+        yield
 
 
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
-def build_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return `final`, building it first with `build(staging_dir)` unless a complete copy already exists.
+def build_once(final: Path, build: Callable[[Path], None], is_valid: Callable[[Path], bool] = is_complete) -> Path:
+    """Return `final`, building it first with `build(staging_dir)` unless a valid copy already exists.
 
     `build` must write everything, including the `latent_relay.json` marker, into the staging folder it is
-    given; the folder only appears at `final` (by an atomic rename) once `build` has returned.
+    given (owner-only, `0700`); the folder only appears at `final` (by an atomic rename) once `build` has returned.
+    `is_valid` (default: the marker exists) decides whether an existing `final` is kept; one that is not (a killed
+    build's leftover, or a folder made by an older latent-relay) is deleted and built again. The folder holding
+    `final` is created owner-only and refused where another user owns it or others can write it.
     """
-    if is_complete(final):
+    private_folder(final.parent)
+    if is_valid(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     lock = final.parent / f"{final.name}.lock"
     with file_lock(lock, waiting_message=f"waiting for another process building {final}"):
-        if is_complete(final):
+        if is_valid(final):
             return final
         for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed builder
             shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete leftover without the marker
+        if final.exists():  # incomplete leftover, or made by an older version
+            log(f"rebuilding {final}: incomplete, or made by an older latent-relay")
             shutil.rmtree(final)
         staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
         try:
             build(staging)
             if not is_complete(staging):
                 raise RuntimeError(f"builder for {final} did not write {COMPLETE_MARKER}")
-            _share_like_umask(staging)
-            os.rename(staging, final)
+            staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return final
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _share_like_umask(folder: Path) -> None:
-    """Give a folder made by `mkdtemp` (0700) and its files the permissions a plain mkdir/open would."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for path in folder.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~mask)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace `path` with `data` as JSON, never leaving a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` with `data` as JSON, owner-only, never leaving a half-written file."""
+    write_private(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def sha256_of_files(paths: list[Path]) -> str:
@@ -128,22 +99,30 @@ def sha256_of_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: Path) -> list[int]:
+    """(size, mtime_ns, ctime_ns, inode): cheap evidence that a file is unchanged since it was hashed. The inode
+    change time cannot be set back (`touch -d` or `cp -p` restore the mtime, not it), so a file whose bytes were
+    swapped for others of the same size and mtime still shows a new stamp."""
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
 def file_stamps(paths: list[Path]) -> list[list]:
-    """(absolute path, size, mtime_ns) per file: cheap evidence that files are unchanged since last hashed."""
-    stamps = []
-    for path in paths:
-        stat = path.stat()
-        stamps.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    return stamps
+    """(absolute path, *`file_stamp`) per file."""
+    return [[str(path.resolve()), *file_stamp(path)] for path in paths]
 
 
 def cached_sha256(paths: list[Path]) -> str:
-    """SHA-256 of the concatenated files, remembered in the cache keyed by path, size and mtime.
+    """SHA-256 of the concatenated files, remembered in the cache keyed by path and `file_stamp`.
 
-    A file that is replaced or modified changes its size or mtime and is hashed again.
+    A file that is replaced or modified changes its stamp and is hashed again. The index is an owner-only file in
+    the cache root; one that others can write is refused.
     """
-    index_path = cache_dir() / "sha256-index.json"
+    root = private_folder(cache_dir())
+    index_path = root / "sha256-index.json"
     key = json.dumps(file_stamps(paths))
+    if index_path.exists():
+        refuse_untrusted(index_path)
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
@@ -153,12 +132,14 @@ def cached_sha256(paths: list[Path]) -> str:
     started = time.perf_counter()
     sha = sha256_of_files(paths)
     log(f"hashed {len(paths)} file(s) in {time.perf_counter() - started:.1f}s: sha256 {sha[:16]}...")
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(index_path.with_suffix(".lock")):
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            index = {}
-        index[key] = sha
-        write_json_atomic(index_path, index)
+    try:
+        with file_lock(index_path.with_suffix(".lock")):
+            try:
+                index = json.loads(index_path.read_text())
+            except (OSError, ValueError):
+                index = {}
+            index[key] = sha
+            write_json_atomic(index_path, index)
+    except OSError as exc:  # a read-only cache: hashed again next time
+        log(f"could not record the SHA-256 in {index_path}: {exc}")
     return sha

@@ -17,5 +17,18 @@ class ChecksumMismatchError(ValueError):
         self.actual = actual
 
 
+class ConvertedFolderChangedError(ValueError):
+    """A converted model folder whose files are not the ones recorded when it was converted (changed, missing, added)
+    or that records none: refused; the message names the file and how to rebuild the folder."""
+
+    def __init__(self, folder, file: str, what: str) -> None:
+        super().__init__(
+            f"converted model folder {folder}: {file} {what}; refusing to load it "
+            f"(delete the folder to convert the model again: rm -rf {folder})"
+        )
+        self.folder = folder
+        self.file = file
+
+
 class BundledModelNotInstalledError(ModelReferenceError):
     """A bundled model whose data package is not installed."""

@@ -6,7 +6,9 @@ A reference is one of
 - a local model folder or a Hugging Face id (from the local Hub cache unless `allow_download=True`).
 
 GGUF weights (bundled or not) are converted once into a float32 safetensors folder in the user cache
-(`latent_relay.agents.model_cache.cache_dir()`) and loaded from there afterwards.
+(`latent_relay.agents.model_cache.cache_dir()`) and loaded from there afterwards, after checking that the folder
+holds exactly the files recorded at conversion, unchanged (`latent_relay.agents.converted_files`). Weights are read
+with safetensors only, never unpickled (`latent_relay.agents.safetensors_only`).
 """
 
 from __future__ import annotations
@@ -21,23 +23,31 @@ from typing import Any
 import torch
 
 from latent_relay.agents.bundled import BUNDLED, DEFAULT_MODEL, BundledModel, list_bundled, locate_files
+from latent_relay.agents.converted_files import has_file_records, verify_files
 from latent_relay.agents.fingerprint import config_essentials, model_fingerprint
 from latent_relay.agents.gguf_convert import convert_gguf
 from latent_relay.agents.model_cache import (
     COMPLETE_MARKER,
     build_once,
-    cache_dir,
     cached_sha256,
     file_lock,
     log,
+    models_dir,
     write_json_atomic,
 )
-from latent_relay.agents.model_errors import BundledModelNotInstalledError, ChecksumMismatchError, ModelReferenceError
+from latent_relay.agents.model_errors import (
+    BundledModelNotInstalledError,
+    ChecksumMismatchError,
+    ConvertedFolderChangedError,
+    ModelReferenceError,
+)
+from latent_relay.agents.safetensors_only import hub_snapshot, safetensors_weights
 
 __all__ = [
     "DEFAULT_MODEL",
     "BundledModelNotInstalledError",
     "ChecksumMismatchError",
+    "ConvertedFolderChangedError",
     "LoadedModel",
     "ModelReferenceError",
     "list_bundled",
@@ -115,34 +125,62 @@ def _loaded(name: str, model: Any, tokenizer: Any, fingerprint: str, source: str
     )
 
 
-def _load_pretrained(ref: str, *, device, dtype: torch.dtype, local_only: bool, attn_implementation):
+def _load_pretrained(folder: Path, *, device, dtype: torch.dtype, attn_implementation):
+    """A model folder's model and tokenizer, its weights read with safetensors only (:func:`safetensors_weights`
+    first refuses a folder that would make transformers unpickle anything)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
+    safetensors_weights(folder)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return model.to(device), tokenizer
 
 
-def _load_converted(folder: Path, name: str, *, device, dtype: torch.dtype, attn_implementation) -> LoadedModel:
-    """Load a converted cache folder, reusing (or adding) the fingerprint recorded for this dtype."""
-    model, tokenizer = _load_pretrained(
-        str(folder), device=device, dtype=dtype, local_only=True, attn_implementation=attn_implementation
-    )
+def _update_marker(folder: Path, change) -> None:
+    """Apply `change` to the folder's marker under the folder's lock; a read-only cache is left as it is."""
     marker_path = folder / COMPLETE_MARKER
-    marker = _read_json(marker_path)
+    try:
+        with file_lock(folder.parent / f"{folder.name}.lock"):
+            marker = _read_json(marker_path)
+            change(marker)
+            write_json_atomic(marker_path, marker)
+    except OSError as exc:
+        log(f"could not update {marker_path}: {exc}")
+
+
+def _verified_marker(folder: Path) -> dict:
+    """The marker of a converted folder whose files are the ones it records (else `ConvertedFolderChangedError`,
+    or `UntrustedCacheError` for a folder or file that is not this user's alone); new stamps of files hashed again
+    are recorded."""
+    if not has_file_records(folder):
+        raise ConvertedFolderChangedError(folder, COMPLETE_MARKER, "records no file hashes (an older latent-relay)")
+    marker = _read_json(folder / COMPLETE_MARKER)
+    refreshed = verify_files(folder, marker["files"])
+    if refreshed:
+
+        def restamp(current: dict) -> None:
+            for relative, stamp in refreshed.items():
+                current["files"][relative]["stamp"] = stamp
+
+        _update_marker(folder, restamp)
+    return marker
+
+
+def _load_converted(folder: Path, name: str, *, device, dtype: torch.dtype, attn_implementation) -> LoadedModel:
+    """Load a converted cache folder (checked first), reusing (or adding) the fingerprint recorded for this dtype."""
+    marker = _verified_marker(folder)
+    model, tokenizer = _load_pretrained(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
     fingerprint = marker.get("fingerprints", {}).get(_dtype_name(dtype))
     if fingerprint is None:
         fingerprint = model_fingerprint(model, tokenizer)
-        try:  # remember it for the next load in this dtype; a read-only cache just recomputes
-            with file_lock(folder.parent / f"{folder.name}.lock"):
-                marker = _read_json(marker_path)
-                marker.setdefault("fingerprints", {})[_dtype_name(dtype)] = fingerprint
-                write_json_atomic(marker_path, marker)
-        except OSError as exc:
-            log(f"could not record the {_dtype_name(dtype)} fingerprint in {marker_path}: {exc}")
+
+        def remember(current: dict) -> None:  # for the next load in this dtype; a read-only cache just recomputes
+            current.setdefault("fingerprints", {})[_dtype_name(dtype)] = fingerprint
+
+        _update_marker(folder, remember)
     sha = marker.get("source_sha256")
     return _loaded(name, model, tokenizer, fingerprint, str(folder), source_sha256=sha)
 
@@ -152,12 +190,15 @@ def _read_json(path: Path) -> dict:
 
 
 def _converted_folder(slug: str, sources: list[Path], sha: str) -> Path:
-    folder = cache_dir() / "models" / f"{slug}-{sha[:12]}"
-    if not (folder / COMPLETE_MARKER).is_file():
+    """The converted folder of these GGUF sources, converting them first where there is no folder with file
+    records (none yet, a killed conversion's leftover, or one made before file records existed)."""
+    folder = models_dir() / f"{slug}-{sha[:12]}"
+    if not has_file_records(folder):
         log(f"{slug}: first use, converting GGUF to safetensors in {folder} (about a minute)")
     return build_once(
         folder,
         lambda staging: convert_gguf(sources, sha, staging, name=slug, fingerprint_fn=model_fingerprint),
+        is_valid=has_file_records,
     )
 
 
@@ -192,13 +233,10 @@ def _resolve_hub_or_folder(ref: str, *, device, dtype, allow_download: bool, att
     if not looks_like_path and ref.count("/") != 1:
         raise _unknown_reference(ref, "not a bundled name, a path or a Hugging Face id like org/name")
     try:
-        model, tokenizer = _load_pretrained(
-            str(path) if looks_like_path else ref,
-            device=device,
-            dtype=dtype,
-            local_only=local_only,
-            attn_implementation=attn_implementation,
-        )
+        folder = path if looks_like_path else hub_snapshot(ref, local_only=local_only)
+        model, tokenizer = _load_pretrained(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    except ModelReferenceError:
+        raise
     except (OSError, ValueError) as exc:  # missing files, or a folder transformers cannot read
         offline = not allow_download and not looks_like_path
         hint = " (not in the local Hugging Face cache; downloads are off)" if offline else ""

@@ -8,7 +8,9 @@ observation that compression scores tokens with (arXiv 2604.13349 §2). The fina
 
 Batches of items share one forward: per-item memories are left-padded into one batch and every forward gets an
 explicit 4D additive mask (padding masked for every query, causal inside the new chunk) and explicit position
-ids, so padding never leaks into attention; hand-overs are split back per item without padding.
+ids, so padding never leaks into attention; hand-overs are split back per item without padding. While decoding,
+an item that finished (end of sequence, a stop string, its task's complete answer) leaves the batch
+(:mod:`latent_relay.agents.decode_rows`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from functools import cached_property
 import torch
 
 from latent_relay.agents.cache import read_back, to_cache
-from latent_relay.agents.decoding import DecodeConfig, TokenPicker
+from latent_relay.agents.decode_rows import DecodeRows
+from latent_relay.agents.decoding import AnswerStop, DecodeConfig, TokenPicker
 from latent_relay.agents.latent import LatentInput
 from latent_relay.relay.batch import split_items, split_observation, stack_items
 from latent_relay.relay.memory import KVState, Segment, check_same_model
@@ -110,8 +113,11 @@ class ModelRunner:
         thoughts: int = 0,
         decode: DecodeConfig | None = None,
         observe: bool = True,
+        answer_stop: AnswerStop | None = None,
     ) -> AgentOutput:
-        """Prefill ``prompts`` (token ids, one list per item) on ``memories``, think, and optionally decode."""
+        """Prefill ``prompts`` (token ids, one list per item) on ``memories``, think, and optionally decode; with
+        ``answer_stop`` (the task's rule, for the final agent) an item stops as soon as its answer is complete,
+        unless ``decode.stop_at_answer`` is off."""
         memory = self._stack(memories)
         self._check_length(memory, prompts, thoughts, decode)
         memory, idx = memory.agent_index(agent)
@@ -146,7 +152,7 @@ class ModelRunner:
         # 3. the final agent (or a text-relay agent) decodes text
         texts, counts = None, [0] * memory.batch_size
         if decode is not None:
-            memory, texts, counts = self._decode(memory, cache, logits, decode, idx)
+            memory, texts, counts = self._decode(memory, cache, logits, decode, idx, answer_stop)
 
         return AgentOutput(memory, observation, texts, counts)
 
@@ -220,20 +226,24 @@ class ModelRunner:
         padded = [torch.nn.functional.pad(r, (0, num_tokens - r.shape[-1])) for r in rows]
         return Observation(torch.stack(padded, dim=3), agent, self.group_size)
 
-    def _decode(self, memory, cache, logits, config: DecodeConfig, agent_idx):
-        picker = TokenPicker(config, self.tokenizer, memory.batch_size, self._eos_ids())
-        alive = torch.ones(memory.batch_size, dtype=torch.bool, device=self.device)
+    def _decode(self, memory, cache, logits, config: DecodeConfig, agent_idx, answer_stop: AnswerStop | None):
+        """Decode every item until it finishes; a finished item leaves the batch, so later forwards run only on
+        the others and its memory stays as it was when it finished (:mod:`latent_relay.agents.decode_rows`)."""
+        picker = TokenPicker(config, self.tokenizer, memory.batch_size, self._eos_ids(), answer_stop)
+        rows = DecodeRows(memory.batch_size)
         for step in range(config.max_new_tokens):
-            token = picker.pick(logits, alive)
-            alive = alive & ~picker.finished
-            if not bool(alive.any()) or step == config.max_new_tokens - 1:
+            token = picker.pick(logits, rows.items)
+            if all(picker.done[item] for item in rows.items) or step == config.max_new_tokens - 1:
                 break  # the last token needs no forward: nothing reads its logits
-            text = torch.full((memory.batch_size, 1), int(Segment.TEXT), device=self.device)
-            memory, hidden, _ = self._forward(
-                memory, cache, self.embed(token[:, None]), alive[:, None], text, agent_idx
-            )
+            memory, keep = rows.leave(memory, picker.done)
+            if len(keep) < token.shape[0]:
+                cache = to_cache(memory)  # the model's cache of the remaining rows only
+                token = token[torch.tensor(keep, device=token.device)]
+            ones = torch.ones(len(keep), 1, dtype=torch.bool, device=self.device)
+            text = torch.full((len(keep), 1), int(Segment.TEXT), device=self.device)
+            memory, hidden, _ = self._forward(memory, cache, self.embed(token[:, None]), ones, text, agent_idx)
             logits = self.lm_head(hidden)
-        return memory, picker.texts(), picker.counts()
+        return rows.whole(memory), picker.texts(), picker.counts()
 
     # ------------------------------------------------------------- helpers
     def _stack(self, memories: Sequence[KVState | None]) -> KVState:

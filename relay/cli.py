@@ -6,8 +6,10 @@
     relay inspect packet.bin
     relay models
 
-Bad input (unknown model, checksum mismatch, missing data, invalid graph or recipe, malformed packet) ends with
-a one-line ``error: ...`` on stderr and exit status 2.
+Bad input (a bad option value, unknown model, checksum mismatch, missing data, invalid graph or recipe, malformed
+packet or results file, an ``--out`` file another run is writing) ends with a one-line ``error: ...`` on stderr and
+exit status 2; options are checked (:mod:`latent_relay.relay.cli_checks`) before any data or model is loaded. A run
+in which every item of a relay mode failed prints its table and exits with status 1.
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ import sys
 import time
 from pathlib import Path
 
+from latent_relay.relay.cli_checks import UsageError, check_run_args
+from latent_relay.relay.runtime.errors import first_line
+
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+#: Exit statuses: bad input (no run, or the run stopped), and a run in which every item of a relay mode failed.
+EXIT_USAGE, EXIT_ALL_FAILED = 2, 1
 
 
-class UsageError(ValueError):
-    """The command line asks for something that cannot be done."""
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown option, a word where a number goes) as one-line :class:`UsageError`s."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -52,8 +62,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", default=None, help="benchmark data folder (default: $RELAY_DATA_DIR or ../shared/data)"
     )
-    p.add_argument("--out", default=None, help="append per-item results to this JSONL file")
-    p.add_argument("--resume", action="store_true", help="skip items already in --out for the same relay mode")
+    p.add_argument("--out", default=None, help="append per-item results to this JSONL file (locked while running)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the items --out already holds for this same run (task, graph, relay, model fingerprint, "
+        "settings); items whose last record is an error run again",
+    )
+    p.add_argument(
+        "--no-retry-errors", action="store_true", help="with --resume: also skip items whose last record is an error"
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     p.add_argument(
         "--dtype",
@@ -79,7 +97,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description="Latent working-memory relay between LLM agents.")
+    parser = _Parser(prog="relay", description="Latent working-memory relay between LLM agents.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one graph and relay mode over task items")
     _add_run_options(run)
@@ -101,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "inspect":
             return _inspect(args.file)
         if args.command == "report":
@@ -115,30 +133,33 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, LookupError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _inspect(path: str) -> int:
     from latent_relay.relay.cli_inspect import describe
+    from latent_relay.relay.wire import PacketError
 
-    print(describe(Path(path).read_bytes()))
+    data = Path(path).read_bytes()
+    try:
+        text = describe(data)
+    except PacketError as err:
+        raise UsageError(f"{path}: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - whatever a crafted file provokes is one line, never a traceback
+        raise UsageError(f"{path}: not a readable packet ({type(err).__name__}: {first_line(err)})") from None
+    print(text)
     return 0
 
 
 def _report(files: list[str]) -> int:
-    from latent_relay.relay.results import read_results, summarize
+    from latent_relay.relay.cli_report import report
+    from latent_relay.relay.results import read_results
 
     results = [r for f in files for r in read_results(f)]
     if not results:
         raise UsageError("no records in " + ", ".join(files))
-    for task in sorted({r.task for r in results}):
-        rows = [r for r in results if r.task == task]
-        graphs = ", ".join(sorted({r.graph for r in rows}))
-        models = ", ".join(sorted({r.model for r in rows if r.model}))
-        print(f"{task}, {len({r.item_id for r in rows})} items, graphs {graphs}, model {models}")
-        print(summarize(rows))
+    print(report(results))
     return 0
 
 
@@ -164,26 +185,47 @@ def _run(args) -> int:
     from latent_relay.relay.results import ResultWriter, summarize
     from latent_relay.tasks.registry import get_task
 
-    if args.n < 1:
-        raise UsageError("--n must be at least 1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     modes = _modes(args)
+    check_run_args(args, modes)
     graphs = {
         m: build_graph("single" if m == "single" else args.graph, "latent" if m == "single" else m, args.latent_steps)
         for m in modes
     }  # validates every graph and recipe before anything slow happens
     task = get_task(args.task)
-    items = task.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]
-    writer = ResultWriter(args.out)
-    runtime = _runtime(args)
-    results = []
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with ResultWriter(args.out) as writer:  # locked until the run ends: a second run on --out stops here
+        items = task.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]
+        runtime = _runtime(args)
+        try:
+            results = _run_modes(runtime, graphs, task, items, modes, args, writer)
+        finally:
+            close = getattr(runtime, "close", None)
+            if close is not None:
+                close()
+    print()
+    print(f"{task.name}, {len(items)} items, graph {args.graph}, model {args.model}, {args.latent_steps} latent steps")
+    print(summarize(results))
+    if args.out:
+        print(f"\nper-item records: {args.out}")
+    return _exit_status(results, modes)
+
+
+def _run_modes(runtime, graphs, task, items, modes, args, writer) -> list:
+    """Every mode's records for ``items``: this run's, or with ``--resume`` the latest ones ``--out`` holds for
+    this same run (task, graph, relay, model fingerprint, settings; see README "Results and resume")."""
+    from latent_relay.relay.results import latest_records, read_results, run_key
+
+    results, keys = [], set()
     for mode in modes:
+        records = runtime.record_builder(graphs[mode], task, mode)
+        key = run_key(records.template())
+        keys.add(key)
         todo = items
         if args.resume:
-            done = writer.done(mode)
+            done = writer.done(key, retry_errors=not args.no_retry_errors)
             todo = [it for it in items if str(it.id) not in done]
             if len(todo) < len(items):
                 print(
@@ -193,17 +235,21 @@ def _run(args) -> int:
         started = time.perf_counter()
         results += _run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
         print(f"[{mode}] {len(todo)} items in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    if args.resume and args.out:
-        from latent_relay.relay.results import read_results
-
+    if args.resume:
         ids = {str(it.id) for it in items}
-        results = [r for r in read_results(args.out) if r.relay in modes and r.item_id in ids]
-    print()
-    print(f"{task.name}, {len(items)} items, graph {args.graph}, model {args.model}, {args.latent_steps} latent steps")
-    print(summarize(results))
-    if args.out:
-        print(f"\nper-item records: {args.out}")
-    return 0
+        results = [r for r in read_results(args.out) if run_key(r) in keys and r.item_id in ids]
+    return latest_records(results)
+
+
+def _exit_status(results, modes) -> int:
+    """0, or :data:`EXIT_ALL_FAILED` (with one ``error:`` line) when every item of some relay mode failed."""
+    failed = [m for m in modes if (rs := [r for r in results if r.relay == m]) and all(r.error for r in rs)]
+    if not failed:
+        return 0
+    first = next(r.error for r in results if r.relay == failed[0]).strip().splitlines()
+    reason = f" (first error: {first[0]})" if first else ""
+    print(f"error: every item failed under relay mode {', '.join(failed)}{reason}", file=sys.stderr)
+    return EXIT_ALL_FAILED
 
 
 def _runtime(args):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from latent_relay.relay.memory import Segment
-from latent_relay.relay.messages import TextMessage
+from latent_relay.relay.messages import LatentMessage, TextMessage
 from latent_relay.relay.wire import (
     DEFAULT_LIMITS,
     DTYPES,
     FLAG_ZSTD,
     FORMAT_VERSION,
+    HeaderError,
+    Packet,
+    PacketError,
     WireLimits,
     decode_packet,
     open_packet,
@@ -24,9 +27,18 @@ def _size(n: float) -> str:
 
 
 def describe(data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS) -> str:
-    """A packet's header in human terms (what ``relay inspect FILE`` prints). Verifies the packet first."""
-    packet = open_packet(data, limits=limits)
-    message = decode_packet(packet, limits=limits)
+    """A packet's header in human terms (what ``relay inspect FILE`` prints). Verifies the packet first: a bad
+    packet raises a :class:`PacketError` (and nothing else), whose message is one line."""
+    try:
+        packet = open_packet(data, limits=limits)
+        return _render(packet, decode_packet(packet, limits=limits))
+    except (PacketError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - decode raises only PacketError; this keeps any slip from a traceback
+        raise HeaderError(f"unreadable packet: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def _render(packet: Packet, message: TextMessage | LatentMessage) -> str:
     h = packet.header
     level = h.get("zstd_level")
     stored = "zstd" if packet.flags & FLAG_ZSTD else "raw"

@@ -1,68 +1,38 @@
-"""Per-item result records (JSON lines, appended and flushed as they complete) and the summary tables."""
+"""Per-item result records and their summary tables.
+
+The record and its run key live in :mod:`latent_relay.relay.item_result`, the JSON-lines file that holds them in
+:mod:`latent_relay.relay.results_file`; both are importable from here too.
+"""
 
 from __future__ import annotations
 
-import json
 import statistics
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from pydantic import BaseModel, Field
+from latent_relay.relay.item_result import ItemResult, RunKey, done_items, latest_records, record_key, run_key
+from latent_relay.relay.results_file import (
+    ResultsFileBusyError,
+    ResultsFileError,
+    ResultWriter,
+    parse_results,
+    read_results,
+)
 
-
-class ItemResult(BaseModel):
-    """What one task item produced under one graph and relay mode."""
-
-    item_id: str
-    task: str
-    graph: str
-    relay: str
-    model: str = ""
-    answer: str = ""
-    gold: str = ""
-    correct: bool = False
-    output_tokens: int = 0
-    latent_steps: int = 0
-    seconds: float = 0.0
-    node_seconds: dict[str, float] = Field(default_factory=dict)
-    edge_bytes: dict[str, int] = Field(default_factory=dict)
-    edge_metrics: dict[str, dict] = Field(default_factory=dict)
-    relay_bytes: int = 0
-    error: str | None = None
-
-
-class ResultWriter:
-    """Appends records to a JSONL file line by line, flushing each, and knows which items are already done."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def done(self, relay: str) -> set[str]:
-        """Item ids already recorded for ``relay`` (for ``--resume``)."""
-        return (
-            {r.item_id for r in read_results(self.path) if r.relay == relay}
-            if self.path and self.path.exists()
-            else set()
-        )
-
-    def write(self, results: Iterable[ItemResult]) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in results:
-                f.write(r.model_dump_json() + "\n")
-                f.flush()
-
-
-def read_results(path: str | Path) -> list[ItemResult]:
-    out = []
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(ItemResult.model_validate(json.loads(line)))
-    return out
+__all__ = [
+    "ItemResult",
+    "ResultWriter",
+    "ResultsFileBusyError",
+    "ResultsFileError",
+    "RunKey",
+    "done_items",
+    "human_bytes",
+    "latest_records",
+    "parse_results",
+    "read_results",
+    "record_key",
+    "run_key",
+    "summarize",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -74,7 +44,9 @@ def human_bytes(n: float) -> str:
 
 
 def summarize(results: Sequence[ItemResult], baseline: str | None = None) -> str:
-    """A side-by-side table, one row per relay mode: accuracy, tokens, seconds, bytes (and ratio to full)."""
+    """A side-by-side table, one row per relay mode: accuracy, tokens, seconds, bytes (and ratio to full). Each item
+    of a run counts once, by its latest record (:func:`latest_records`)."""
+    results = latest_records(results)
     modes: list[str] = []
     for r in results:
         if r.relay not in modes:

@@ -1,11 +1,15 @@
-"""The common shape of a benchmark task: load items, score an answer, state the final answer format."""
+"""The common shape of a benchmark task: load items, score an answer, state the final answer format (and when an
+answer in it is complete, :mod:`latent_relay.tasks.stops`)."""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from latent_relay.relay.decode_config import AnswerStop
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,13 @@ class Task(ABC):
     @abstractmethod
     def score(self, item: TaskItem, answer_text: str) -> bool:
         """Whether `answer_text` (the final agent's output) answers `item` correctly."""
+
+    @property
+    def answer_stop(self) -> AnswerStop | None:
+        """When a final answer in this task's format is complete (decoding stops the item there); None: no rule."""
+        from latent_relay.tasks.stops import answer_stop_for  # stops reads the tasks' own answer parsers
+
+        return answer_stop_for(self.answer_format)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

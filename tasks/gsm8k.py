@@ -14,9 +14,10 @@ _FRAC = re.compile(r"\\d?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")
 _SLASH = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)(?![\w.])")
 
 
-def last_boxed(text: str) -> str | None:
-    """The contents of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+def last_boxed(text: str, macros: tuple[str, ...] = ("\\boxed{", "\\fbox{"), *, closed: bool = False) -> str | None:
+    """The contents of the last `\\boxed{...}` (or another of ``macros``), braces balanced; None if there is none.
+    An unclosed box gives the rest of the text, or None with ``closed`` (a stop rule waits for the closing brace)."""
+    start = max(text.rfind(m) for m in macros)
     if start < 0:
         return None
     i = text.index("{", start) + 1
@@ -29,7 +30,7 @@ def last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[begin:i]
         i += 1
-    return text[begin:]  # unclosed: take the rest
+    return None if closed else text[begin:]  # unclosed: take the rest
 
 
 def _clean(text: str) -> str:

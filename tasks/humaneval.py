@@ -66,8 +66,10 @@ def build_program(prompt: str, completion: str, entry_point: str) -> str:
     return program + "\n"
 
 
-def test_program(program: str, test: str, entry_point: str) -> str:
-    return f"{program}\n\n{test}\n\ncheck({entry_point})\n"
+def check_code(test: str, entry_point: str) -> str:
+    """The test code that runs after the candidate module: the item's `check` and its call. It is compiled on its
+    own, so nothing in a completion (an unclosed string, a stray indent) can change how it parses."""
+    return f"{test}\n\ncheck({entry_point})\n"
 
 
 class HumanEval(Task):
@@ -92,11 +94,13 @@ class HumanEval(Task):
         return items
 
     def run_tests(self, item: TaskItem, answer_text: str) -> RunResult:
-        """Run the item's `check(entry_point)` on the completion: passed / failed / timeout, and why."""
+        """Run the item's `check(entry_point)` on the completion: passed (the tests ran to the end) / failed /
+        timeout, and why."""
         raw = item.raw
         program = build_program(raw["prompt"], answer_text or "", raw["entry_point"])
         return run_python(
-            test_program(program, raw["test"], raw["entry_point"]),
+            program,
+            tests=check_code(raw["test"], raw["entry_point"]),
             timeout_s=self.timeout_s,
             memory_bytes=self.memory_bytes,
         )

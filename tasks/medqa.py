@@ -9,7 +9,8 @@ from latent_relay.tasks.base import Task, TaskItem, check_n
 from latent_relay.tasks.data import data_file, read_json
 
 LETTERS = "ABCDE"
-_BOXED = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?![A-Za-z])")
+#: A boxed letter, `\boxed{C}`, `\boxed{(C)}` or `\boxed{\text{C. ...}}` (decoding's stop rule reads it too).
+BOXED_LETTER = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?![A-Za-z])")
 _STATED = re.compile(  # keywords in any case, the letter itself upper case
     r"(?i:answer|correct option|correct choice|best option|best choice)\s*(?i:is|would be|should be)?"
     r"\s*[:\-]?\s*(?i:option\s*)?[(*\[]*([A-E])(?![A-Za-z])"
@@ -27,7 +28,7 @@ def extract_letter(text: str, options: dict[str, str] | None = None) -> str | No
     appears in the answer, that option.
     """
     text = text or ""
-    for pattern in (_BOXED, _STATED, _PARENS, _ALONE):
+    for pattern in (BOXED_LETTER, _STATED, _PARENS, _ALONE):
         found = pattern.findall(text)
         if found:
             return found[-1].upper()

@@ -134,14 +134,17 @@ def test_a_missing_compiler_warns_once_and_leaves_the_torch_path(monkeypatch, tm
 def test_the_build_is_cached_and_keyed(monkeypatch, tmp_path):
     monkeypatch.setenv("RELAY_CACHE_DIR", str(tmp_path))
     first = native.build("cpu_obf")
-    assert first.parent == tmp_path / "kernels" and first.exists()
+    assert first.parent == tmp_path / "kernels" and first.exists() and native.record_path(first).exists()
     mtime = first.stat().st_mtime_ns
     assert native.build("cpu_obf") == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     stale = first.with_name("cpu_obf-0000000000000000.so")
     stale.write_bytes(b"an older build")
+    native.record_path(stale).write_text(f"{'0' * 64}  {stale.name}\n")
     monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DRELAY_TEST_REBUILD"))
     second = native.build("cpu_obf")
     assert second != first and second.exists() and not first.exists() and not stale.exists()
+    assert native.record_path(second).exists()
+    assert not native.record_path(first).exists() and not native.record_path(stale).exists()
 
 
 def _psd(n, d, decay, seed=0, rank=None):

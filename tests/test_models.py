@@ -17,7 +17,7 @@ import torch
 import latent_relay.agents.models as models
 from latent_relay.agents.bundled import BUNDLED, BundledModel, DataFile, locate_files
 from latent_relay.agents.fingerprint import model_fingerprint, parameter_sample
-from latent_relay.agents.gguf_convert import concatenate_verified
+from latent_relay.agents.gguf_convert import concatenate_verified, write_marker
 from latent_relay.agents.model_cache import COMPLETE_MARKER, build_once, cache_dir, cached_sha256
 from latent_relay.agents.models import (
     BundledModelNotInstalledError,
@@ -227,7 +227,7 @@ def test_local_folder_reference_and_fingerprint_stability(tmp_path, isolated_cac
 def test_converted_folder_records_and_reuses_fingerprints_per_dtype(tmp_path, monkeypatch):
     folder = tmp_path / "converted"
     _save_tiny_with_tokenizer(folder)
-    (folder / COMPLETE_MARKER).write_text(json.dumps({"source_sha256": "ab" * 32, "fingerprints": {}}))
+    write_marker(folder, {"source_sha256": "ab" * 32, "fingerprints": {}})
     options = {"device": "cpu", "attn_implementation": None}
     fp32 = models._load_converted(folder, "toy", dtype=torch.float32, **options)
     bf16 = models._load_converted(folder, "toy", dtype=torch.bfloat16, **options)

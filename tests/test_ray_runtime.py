@@ -1,5 +1,6 @@
 """The Ray runtime on a loopback-only cluster: same answers as the local runtime, host faults survived,
-timeouts recorded, nothing listening beyond the loopback interface."""
+timeouts recorded, hung hosts restarted, scoring beside the scheduler, nothing listening beyond the loopback
+interface."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,62 @@ def test_timeout_gives_error_records(per_node):
     # the host it abandoned was restarted and serves the next run
     again = per_node.run(sequential("latent", latent_steps=4), FakeTask(), ITEMS[:2], "latent", batch_size=2)
     assert all(r.error is None for r in again)
+
+
+class HangingTokenizer(ByteTokenizer):
+    """Hangs, as a stuck forward would, the first time any host tokenizes a question with ``HANG`` in it (the
+    marker file remembers it across host restarts)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, text: str) -> dict:
+        if "HANG" in text and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            time.sleep(3600)
+        return super().__call__(text)
+
+
+def test_hung_host_is_restarted_by_the_default_deadline(cluster, tmp_path):
+    """No --timeout: a host stuck in a step is restarted at the step's default deadline and the batch runs again."""
+    marker = tmp_path / "hung"
+    model = HostModel.tiny(ARCH, SEED, tokenizer=HangingTokenizer(str(marker)))
+    items = [Item("stuck", "HANG " + ITEMS[0].question, ITEMS[0].gold), ITEMS[1]]
+    with RayRuntime(model, latent=LATENT, decode=DECODE, min_step_seconds=8.0, min_tokens_per_second=1e6) as rt:
+        records = rt.run(sequential("latent", latent_steps=4), FakeTask(), items, "latent", batch_size=1)
+        pid = ray.get(rt.hosts["shared"][0].info.remote())["pid"]
+        assert pid != rt.host_info["shared"]["pid"]  # restarted
+    assert marker.exists()
+    assert [r.error for r in records] == [None, None]
+    assert rt.stats["timeouts"] == 1 and rt.stats["retries"] == 1
+
+
+class SlowTask(FakeTask):
+    """Scoring the first item takes 3 s (as HumanEval's tests may); records when each scoring ran."""
+
+    def __init__(self):
+        self.scoring: dict[str, tuple[float, float]] = {}
+
+    def score(self, item, text: str) -> bool:
+        start = time.monotonic()
+        if item.id == "q0":
+            time.sleep(3.0)
+        self.scoring[item.id] = (start, time.monotonic())
+        return super().score(item, text)
+
+
+def test_slow_scoring_does_not_hold_up_steps(per_node, reference):
+    """While the first batch is being scored, the pipeline's other batches go on: their steps are collected."""
+    task, done = SlowTask(), []
+    per_node.on_step = lambda event: done.append(time.monotonic()) if event.kind == "done" else None
+    try:
+        records = per_node.run(sequential("latent", latent_steps=4), task, ITEMS, "latent", batch_size=2)
+    finally:
+        per_node.on_step = None
+    _same(records, reference)
+    start, end = task.scoring["q0"]
+    assert end - start >= 3.0
+    assert any(start < t < end for t in done), "no step was collected while a batch was being scored"
 
 
 def _descendants(root: int) -> set[int]:

@@ -1,4 +1,4 @@
-"""Task loaders and scorers: GSM8K, HumanEval (sandboxed), MedQA, data-folder resolution."""
+"""Task loaders and scorers: GSM8K, HumanEval (its sandbox: test_sandbox.py), MedQA, data-folder resolution."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from latent_relay.tasks.gsm8k import extract_answer, gold_answer
 from latent_relay.tasks.humaneval import build_program, extract_code
 from latent_relay.tasks.medqa import extract_letter
 from latent_relay.tasks.registry import DataNotFoundError, TaskItem, UnknownTaskError, get_task, task_names
-from latent_relay.tasks.sandbox import NETWORK_BLOCKED_MESSAGE, run_python
+from tests.test_sandbox import ITEM, PROMPT  # one toy HumanEval item for both files
 
 needs_data = pytest.mark.skipif(not default_data_dir().is_dir(), reason="no ../shared/data")
 
@@ -110,15 +110,6 @@ def test_medqa_loader_reads_real_file_and_scores():
 
 # --- HumanEval ---------------------------------------------------------------------------------------------
 
-PROMPT = 'def add(a: int, b: int) -> int:\n    """Add two numbers."""\n'
-TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
-ITEM = TaskItem(
-    id="toy/0",
-    question=PROMPT,
-    gold="    return a + b\n",
-    raw={"prompt": PROMPT, "test": TEST, "entry_point": "add", "canonical_solution": "    return a + b\n"},
-)
-
 
 @pytest.fixture
 def fast_humaneval():
@@ -160,41 +151,6 @@ def test_humaneval_infinite_loop_times_out(fast_humaneval):
     result = fast_humaneval.run_tests(ITEM, "    while True:\n        pass\n")
     assert result.status == "timeout"
     assert not result.passed
-
-
-def test_sandbox_blocks_network():
-    program = (
-        "import socket\n"
-        "try:\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\nexcept PermissionError as e:\n"
-        "    raise SystemExit(str(e))\n"
-    )
-    result = run_python(program, timeout_s=5)
-    assert result.status == "failed" and NETWORK_BLOCKED_MESSAGE in result.detail
-    raw = run_python("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)\n", timeout_s=5)
-    assert raw.status == "failed" and NETWORK_BLOCKED_MESSAGE in raw.detail
-
-
-def test_sandbox_memory_limit_environment_and_throwaway_dir():
-    hog = run_python("x = bytearray(2 << 30)\n", timeout_s=5, memory_bytes=512 << 20)
-    assert hog.status == "failed" and "MemoryError" in hog.detail
-    probe = run_python(
-        "import os, sys\n"
-        "assert os.environ.get('HOME') is None and os.environ.get('PATH') is None, dict(os.environ)\n"
-        "assert sys.flags.isolated == 1\n"
-        "assert os.path.basename(os.getcwd()).startswith('relay-sandbox-')\n"
-        "open('scratch.txt', 'w').write('x')\n"
-        "raise SystemExit(os.getcwd())\n",
-        timeout_s=5,
-    )
-    assert probe.status == "failed" and probe.returncode == 1
-    import os
-
-    assert not os.path.exists(probe.detail)  # the working directory is gone afterwards
-
-
-def test_sandbox_blocks_spawning_and_deleting():
-    result = run_python("import subprocess\nsubprocess.run(['true'])\n", timeout_s=5)
-    assert result.status == "failed" and "disabled in the sandbox" in result.detail
 
 
 @needs_data

@@ -2,15 +2,26 @@
 
 The Ray runtime's modules reach Ray through this one (``cluster.ray``, ``cluster.rex``), set when
 :func:`import_ray` first runs: a loopback cluster needs :data:`LOOPBACK_ENV` set before Ray is imported.
+
+A private cluster also requires Ray's token authentication (``RAY_AUTH_MODE=token``): every gRPC call to its GCS,
+raylets and workers must carry the cluster's token, so another local user (or a process of this user that was not
+given the token) cannot submit work to it through the loopback ports. Each cluster gets a fresh random token
+(256 bits) that lives only in this process's environment (``RAY_AUTH_TOKEN``, which the cluster's processes
+inherit; ``/proc/<pid>/environ`` is readable by this user only) and is never written to a file: Ray would
+otherwise keep one token for every cluster in ``~/.ray/auth_token``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Any
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token": every RPC must carry the cluster's token
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"  # the token itself (Ray reads it before RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token)
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
 ray: Any = None  # the ray module, once import_ray has run
 rex: Any = None  # ray.exceptions
@@ -38,11 +49,27 @@ def import_ray(loopback: bool):
     return ray
 
 
+def use_fresh_token() -> None:
+    """Token authentication with a new random token for the cluster this process is about to start (and for this
+    process's own calls to it). Ray caches its configuration and the token it loaded: both are read again."""
+    os.environ[AUTH_MODE_ENV] = "token"
+    os.environ[AUTH_TOKEN_ENV] = secrets.token_hex(32)
+    os.environ.pop(AUTH_TOKEN_PATH_ENV, None)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # the mode (RayConfig reads RAY_AUTH_MODE when initialised); before the token, as Ray does
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def start_local_cluster(
     num_cpus: int | None = None, object_store_memory: int | None = 512 * 1024**2, **init_options
 ) -> None:
-    """Start a private Ray cluster in this process that listens on the loopback interface only."""
+    """Start a private Ray cluster in this process that listens on the loopback interface only and requires a
+    fresh token (see the module's doc)."""
     import_ray(loopback=True)
+    if ray.is_initialized():  # before the token changes under the cluster this process is connected to
+        raise RuntimeError("Ray is already initialised in this process: call ray.shutdown() first")
+    use_fresh_token()
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,

@@ -1,4 +1,5 @@
-"""What the Ray runtime raises: a cluster, host or placement it cannot use, and a hand-off lost with its host."""
+"""What the Ray runtime raises: a cluster, host or placement it cannot use, a hand-off lost with its host, a step
+that ran past its deadline."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class HostStartError(RayRuntimeError):
 
 class LostMessageError(RuntimeError):
     """A same-host hand-off is gone from its host: the host restarted since the message was left there."""
+
+
+class StepTimeoutError(RayRuntimeError, TimeoutError):
+    """A node step ran past its deadline: its host was restarted (a running forward cannot be interrupted)."""
 
 
 def first_line(err: BaseException) -> str:

@@ -62,7 +62,7 @@ class LocalRuntime:
         on_result: Callable[[ItemResult], None] | None = None,
     ) -> list[ItemResult]:
         """Run ``graph`` over ``items`` in batches; each result is written (and flushed) as its batch ends."""
-        records = RecordBuilder(graph, task, relay, self.model_name)
+        records = self.record_builder(graph, task, relay)
         results: list[ItemResult] = []
         for batch in batches(list(items), max(1, batch_size)):
             try:
@@ -77,6 +77,14 @@ class LocalRuntime:
                     on_result(r)
             results.extend(out)
         return results
+
+    def record_builder(self, graph: AgentGraph, task, relay: str) -> RecordBuilder:
+        """The builder of this runtime's records for ``graph`` over ``task`` under ``relay``: model name and
+        fingerprint, latent input and default decoding included (what ``--resume`` matches records on)."""
+        runner = self.executor.runner
+        return RecordBuilder(
+            graph, task, relay, self.model_name, runner.fingerprint, runner.latent, self.executor.default_decode
+        )
 
     def run_batch(self, graph: AgentGraph, task, items: Sequence) -> dict[str, NodeOutput]:
         """Every node's output for one batch, nodes in topological order, messages handed over in memory."""

@@ -23,6 +23,7 @@ from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.memory import concat_memories
 from latent_relay.relay.messages import LatentMessage, TextMessage
+from latent_relay.tasks.stops import answer_stop_for
 
 Message = TextMessage | LatentMessage
 
@@ -87,7 +88,10 @@ class NodeExecutor:
         edges = graph.outgoing(name)
         observe = thoughts > 0 and any(e.recipe is not None for e in edges)
         decode = (node.decoding or self.default_decode) if graph.decodes(name) else None
-        out = self.runner.step(memories, prompts, name, thoughts=thoughts, decode=decode, observe=observe)
+        answer_stop = answer_stop_for(answer_format) if name == graph.final else None  # the task's format
+        out = self.runner.step(
+            memories, prompts, name, thoughts=thoughts, decode=decode, observe=observe, answer_stop=answer_stop
+        )
 
         result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
         for e in edges:

@@ -14,10 +14,12 @@ graph in topological order:
 
 Faults: a host that dies (process crash, node loss, ``ray.kill``) is restarted by Ray (``max_restarts``) and
 every batch it was working on, or whose hand-offs it held, is run again from its first node; a batch that
-keeps failing is split into single items, and an item that still fails gets one record with ``error`` set. A
-batch that runs longer than ``timeout`` seconds on hosts is abandoned with an error record (its host is
-restarted, since a running forward cannot be interrupted). Every item ends with exactly one record; records
-are written (and flushed) as their batch ends.
+keeps failing is split into single items, and an item that still fails gets one record with ``error`` set. Every
+step has a deadline (:mod:`.deadlines`): a host whose step misses it is restarted, since a running forward cannot
+be interrupted. With ``timeout`` (seconds a batch may run on hosts) the batch then gets error records; without it
+the deadline is a generous budget derived from the step's work, and a batch whose host hung is run again. Every
+item ends with exactly one record; records are written (and flushed) as their batch ends, scored off the
+scheduler's thread.
 
 The package :mod:`latent_relay.relay.runtime` is the only one of the project that imports ``ray``
 (through :mod:`.cluster`).
@@ -33,15 +35,18 @@ from latent_relay.relay.graph import AgentGraph, GraphError
 from latent_relay.relay.results import ItemResult, ResultWriter
 from latent_relay.relay.runtime import cluster
 from latent_relay.relay.runtime.cluster import start_local_cluster
+from latent_relay.relay.runtime.deadlines import StepDeadlines
 from latent_relay.relay.runtime.errors import (
     HostStartError,
     LostMessageError,
     PlacementError,
     RayRuntimeError,
+    StepTimeoutError,
     first_line,
 )
 from latent_relay.relay.runtime.host import HostModel, ModelHost, as_host_model, out_of_band
 from latent_relay.relay.runtime.placement import PER_NODE, SHARED, host_resources, node_hosts, node_models
+from latent_relay.relay.runtime.records import RecordBuilder
 from latent_relay.relay.runtime.scheduler import Scheduler, StepEvent
 
 log = logging.getLogger("relay")
@@ -56,6 +61,9 @@ class RayRuntime:
     submit``); without it a loopback-only local cluster is started (and stopped by :meth:`close`).
     ``replicas`` copies of each host share the batches; at most ``max_in_flight`` batches run at once.
     ``timeout``: seconds a batch may spend running on hosts (queueing excluded) before it gets error records.
+    Without it each step's deadline is derived from its work (:mod:`.deadlines`): at least ``min_step_seconds``,
+    and at least its tokens to process and generate at ``min_tokens_per_second``; a host that misses it is
+    restarted and the batch run again.
     ``max_retries``: reruns of a batch after host failures (then split into single items, then error records).
     """
 
@@ -71,6 +79,8 @@ class RayRuntime:
         replicas: int = 1,
         max_in_flight: int | None = None,
         timeout: float | None = None,
+        min_step_seconds: float = 300.0,
+        min_tokens_per_second: float = 1.0,
         max_retries: int = 2,
         max_restarts: int = 16,
         num_cpus: int | None = None,
@@ -87,6 +97,11 @@ class RayRuntime:
             raise RayRuntimeError(f"replicas must be at least 1, got {replicas}")
         if timeout is not None and timeout <= 0:
             raise RayRuntimeError(f"timeout must be positive seconds, got {timeout}")
+        if not min_step_seconds > 0 or not min_tokens_per_second > 0:
+            raise RayRuntimeError(
+                f"min_step_seconds and min_tokens_per_second must be positive, got {min_step_seconds} and "
+                f"{min_tokens_per_second}"
+            )
         if max_retries < 0:
             raise RayRuntimeError(f"max_retries must be >= 0, got {max_retries}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -94,6 +109,7 @@ class RayRuntime:
         self.replicas = replicas
         self.max_in_flight = max_in_flight
         self.timeout = timeout
+        self.deadlines = StepDeadlines(decode, min_step_seconds, min_tokens_per_second)
         self.max_retries = max_retries
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
@@ -159,13 +175,25 @@ class RayRuntime:
             replicas=self.replicas,
             max_in_flight=self.max_in_flight,
             timeout=self.timeout,
+            deadlines=self.deadlines,
             max_retries=self.max_retries,
             start_timeout=self.start_timeout,
             on_step=self.on_step,
             writer=writer,
             on_result=on_result,
+            records=self.record_builder(graph, task, relay),
         )
         return scheduler.run(items, batch_size)
+
+    def record_builder(self, graph: AgentGraph, task, relay: str) -> RecordBuilder:
+        """The builder of this runtime's records for ``graph`` over ``task`` under ``relay``: the answering model's
+        name and fingerprint (from its host, started here if need be), latent input and default decoding included
+        (what ``--resume`` matches records on)."""
+        plan = self.plan(graph)
+        self._ensure_hosts(plan, graph)
+        fingerprint = str(self.host_info.get(plan[graph.final], {}).get("fingerprint") or "")
+        model = self._model_name(graph, plan)
+        return RecordBuilder(graph, task, relay, model, fingerprint, self.latent, self.decode)
 
     # -------------------------------------------------------------- hosts
     def _ensure_hosts(self, plan: dict[str, str], graph: AgentGraph) -> None:
@@ -178,6 +206,7 @@ class RayRuntime:
                 for h in self.hosts.pop(host):
                     ray.kill(h, no_restart=True)
                 del self.host_models[host]
+                self.deadlines.slowest.pop(host, None)
         new = [h for h in wanted if h not in self.hosts]
         if not new:
             return
@@ -243,6 +272,7 @@ __all__ = [
     "RayRuntime",
     "RayRuntimeError",
     "StepEvent",
+    "StepTimeoutError",
     "out_of_band",
     "start_local_cluster",
 ]

@@ -2,24 +2,68 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from latent_relay.agents.latent import LatentInput
+from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph
 from latent_relay.relay.results import ItemResult
 from latent_relay.relay.runtime.node import NodeOutput
 
 
+def graph_digest(graph: AgentGraph) -> str:
+    """SHA-256 (16 hex digits) of everything a graph declares: nodes (roles, prompts, models, latent steps,
+    decoding), edges with their canonical relay modes, and the graph's latent steps."""
+    spec = json.dumps(graph.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def run_settings(graph: AgentGraph, latent: LatentInput | None, decode: DecodeConfig | None) -> dict[str, Any]:
+    """A run's settings as a record carries them: the graph's latent steps, how a thought's hidden state becomes
+    the next input, and the decoding of nodes without their own (``None`` stands for the defaults)."""
+    latent = latent or LatentInput()
+    return {
+        "latent_steps": graph.latent_steps,
+        "latent_input": {"mode": latent.mode, "temperature": latent.temperature, "ridge": latent.ridge},
+        "decoding": (decode or DecodeConfig()).model_dump(mode="json"),
+    }
+
+
 @dataclass(frozen=True)
 class RecordBuilder:
     """Builds the :class:`ItemResult` records of one run: ``graph`` over ``task`` items under relay mode ``relay``
-    on model ``model``."""
+    on model ``model`` (whose fingerprint is ``fingerprint``), thoughts fed back by ``latent``, nodes without
+    their own decoding decoding by ``decode``. Every record carries all of it (see
+    :func:`latent_relay.relay.item_result.run_key`)."""
 
     graph: AgentGraph
     task: Any
     relay: str
     model: str = ""
+    fingerprint: str = ""
+    latent: LatentInput | None = None
+    decode: DecodeConfig | None = None
+
+    @cached_property
+    def _run_fields(self) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "graph": self.graph.name,
+            "relay": self.relay,
+            "model": self.model,
+            "model_fingerprint": self.fingerprint,
+            "graph_digest": graph_digest(self.graph),
+            "settings": run_settings(self.graph, self.latent, self.decode),
+        }
+
+    def template(self) -> ItemResult:
+        """A record of this run with no item (its :func:`~latent_relay.relay.item_result.run_key` is the run's)."""
+        return ItemResult(item_id="", **self._run_fields)
 
     def failed(self, item, message: str) -> ItemResult:
         """The record of an item whose batch failed: ``error`` says why."""
@@ -50,7 +94,4 @@ class RecordBuilder:
         return records
 
     def _record(self, item, error: str | None = None) -> ItemResult:
-        return ItemResult(
-            item_id=str(item.id), task=self.task.name, graph=self.graph.name, relay=self.relay, model=self.model,
-            gold=str(item.gold), error=error,
-        )  # fmt: skip
+        return ItemResult(item_id=str(item.id), gold=str(item.gold), error=error, **self._run_fields)

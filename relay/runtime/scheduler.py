@@ -4,14 +4,21 @@ Batches wait in a queue; at most ``limit`` are active at once, each on one repli
 is submitted when its parents are done and its host is idle (one step at a time per host, oldest batch first: a
 pipeline, not a pile-up). A host that dies is restarted by Ray and probed until it answers; the batches it was
 working on, or whose hand-offs it held, are run again from their first node (``max_retries`` times, then split
-into single items, then given error records). A batch over its ``timeout`` of running time gets error records and
-its host is restarted (a running forward cannot be interrupted). Every item ends with exactly one record.
+into single items, then given error records). Every item ends with exactly one record.
+
+Every step has a deadline (:mod:`.deadlines`): the batch's ``timeout`` of running time where the user gave one,
+else a generous budget derived from the step's work. A host whose step misses it is restarted (a running forward
+cannot be interrupted), also when the step belongs to a batch already abandoned or retried; the batch gets error
+records (over ``timeout``) or is retried (past the default deadline: a hung host). A step that has finished is never
+failed: every ready result is collected before deadlines are enforced. A finished batch is scored on a small thread
+pool (:mod:`.scoring`), so slow scoring (HumanEval runs tests) never holds up the steps of other batches.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -22,10 +29,12 @@ from typing import Any
 from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.results import ItemResult, ResultWriter
 from latent_relay.relay.runtime import cluster
-from latent_relay.relay.runtime.errors import LostMessageError, RayRuntimeError, first_line
+from latent_relay.relay.runtime.deadlines import StepDeadlines
+from latent_relay.relay.runtime.errors import LostMessageError, RayRuntimeError, StepTimeoutError, first_line
 from latent_relay.relay.runtime.local import batches
 from latent_relay.relay.runtime.node import NodeOutput
 from latent_relay.relay.runtime.records import RecordBuilder
+from latent_relay.relay.runtime.scoring import ScorePool
 
 log = logging.getLogger("relay")
 
@@ -67,6 +76,8 @@ class Step:
     node: str
     host: HostSlot
     started: float
+    work: int = 0  # tokens to process and generate (a high estimate)
+    budget: float = math.inf  # seconds it may run without a user's timeout
 
 
 @dataclass
@@ -84,14 +95,18 @@ class Scheduler:
     replicas: int = 1
     max_in_flight: int | None = None
     timeout: float | None = None
+    deadlines: StepDeadlines | None = None
     max_retries: int = 2
     start_timeout: float = 900.0
     on_step: Callable[[StepEvent], None] | None = None
     writer: ResultWriter | None = None
     on_result: Callable[[ItemResult], None] | None = None
+    records: RecordBuilder | None = None  # default: the graph's records with model_name only
+    scorers: int = 4
 
     def __post_init__(self) -> None:
-        self.records = RecordBuilder(self.graph, self.task, self.relay, self.model_name)
+        self.deadlines = self.deadlines or StepDeadlines()
+        self.records = self.records or RecordBuilder(self.graph, self.task, self.relay, self.model_name)
         self.run_id = uuid.uuid4().hex[:12]
         self.seq = itertools.count()
         self.limit = self.max_in_flight or 2 * len(set(self.plan.values())) * self.replicas
@@ -117,23 +132,24 @@ class Scheduler:
         for host in set(self.plan.values()):  # a host may still be restarting from an earlier run: ask first
             for r in range(self.replicas):
                 self.recover((host, r))
-        while self.queue or self.active:
-            while self.queue and len(self.active) < self.limit:
-                self.activate(self.queue.popleft())
-            self.submit_ready()
-            self.probe()
-            if not self.running and not self.probes and not self.recovering:
-                if self.queue or self.active:  # every active batch has a runnable node or a step under way
-                    raise RayRuntimeError("scheduler stalled with no step running")
-                break
-            for ref in self.wait():
-                if ref in self.probes:
-                    self.probed(ref)
-                else:
-                    self.collect(ref)
-            if self.timeout is not None:
-                for host in self.enforce_timeout():
-                    self.recover(host)
+        with ScorePool(self.scorers) as self.scoring:
+            while self.queue or self.active or self.scoring.pending:
+                while self.queue and len(self.active) < self.limit:
+                    self.activate(self.queue.popleft())
+                self.probe()  # first: a host given up on here fails its batches in submit_ready
+                self.submit_ready()
+                if not (self.running or self.probes or self.recovering or self.scoring.pending):
+                    if self.queue or self.active:  # every active batch has a runnable node or a step under way
+                        raise RayRuntimeError("scheduler stalled with no step running")
+                    break
+                for ref in self.wait():
+                    if ref in self.probes:
+                        self.probed(ref)
+                    elif ref in self.running:
+                        self.collect(ref)
+                for b, records, err in self.scoring.done():
+                    self.scored(b, records, err)
+                self.enforce_deadlines()
         return [self.results[i] for i in range(len(items))]
 
     def submit_ready(self) -> None:
@@ -151,18 +167,23 @@ class Scheduler:
                     self.submit(b, node)
 
     def wait(self) -> list:
-        """The step or probe results that are ready, after waiting at most until the next timeout is due."""
+        """Every step or probe result that is ready, after waiting at most until the next deadline is due (and
+        briefly while batches are being scored). All ready results are taken at once, so that none waits a pass
+        while its deadline passes."""
         wait = 0.5 if self.recovering else 1.0
-        if self.timeout is not None:
-            now = time.monotonic()
-            for s in self.running.values():
-                if not s.batch.finished and s.attempt == s.batch.attempt:
-                    wait = min(wait, max(0.0, self.timeout - s.batch.elapsed - (now - s.started)))
+        if self.scoring.pending:
+            wait = min(wait, 0.05)
+        now = time.monotonic()
+        for s in self.running.values():
+            wait = min(wait, max(0.0, self.due(s) - now))
         waiting = [*self.running, *self.probes]
         if not waiting:
             time.sleep(wait)
             return []
-        return cluster.ray.wait(waiting, num_returns=1, timeout=max(wait, 0.01))[0]
+        ready = cluster.ray.wait(waiting, num_returns=1, timeout=max(wait, 0.01))[0]
+        if ready and len(waiting) > 1:
+            ready = cluster.ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
+        return ready
 
     # -------------------------------------------------------------- batches
     def activate(self, b: Batch) -> None:
@@ -190,7 +211,10 @@ class Scheduler:
         refs = refs if isinstance(refs, list) else [refs]
         for e, ref in zip(exports, refs[1:]):
             b.exports[e] = ref
-        self.running[refs[0]] = Step(b, b.attempt, node, host, time.monotonic())
+        parent_tokens = sum(sum(b.outputs[e.source].output_tokens) for e in self.incoming[node])
+        work = self.deadlines.work(self.graph, node, questions, self.task.answer_format, parent_tokens)
+        budget = self.deadlines.budget(host[0], work)
+        self.running[refs[0]] = Step(b, b.attempt, node, host, time.monotonic(), work, budget)
         self.busy.add(host)
         b.running.add(node)
         self.emit("submit", b, node, host)
@@ -220,13 +244,22 @@ class Scheduler:
         b.running.discard(s.node)
         b.outputs[s.node] = out
         b.elapsed += time.monotonic() - s.started
+        self.deadlines.observe(s.host[0], s.work, out.seconds)
         self.emit("done", b, s.node, s.host)
-        if len(b.outputs) == len(self.graph.order):
-            self.finish(b, self.records.batch(b.items, b.outputs))
+        if len(b.outputs) == len(self.graph.order):  # every node ran: score it off this thread
+            self.active.remove(b)
+            self.scoring.submit(b, self.records.batch, b.items, dict(b.outputs))
+
+    def scored(self, b: Batch, records: list[ItemResult] | None, err: BaseException | None) -> None:
+        if err is not None or records is None:
+            self.fail(b, f"{type(err).__name__} while scoring: {first_line(err)}")
+        else:
+            self.finish(b, records)
 
     def finish(self, b: Batch, records: list[ItemResult], clean: bool = True) -> None:
         b.finished = True
-        self.active.remove(b)
+        if b in self.active:  # a batch being scored has left the active ones
+            self.active.remove(b)
         self.discard(b, held=not clean)  # a finished batch consumed all its same-host hand-offs
         self.stats["batches"] += 1
         if self.writer is not None:
@@ -268,26 +301,56 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a dead host holds nothing
                 pass
 
-    def enforce_timeout(self) -> list[HostSlot]:
-        """Fail batches over their time; returns the hosts restarted to stop them."""
+    # -------------------------------------------------------------- deadlines
+    def due(self, s: Step) -> float:
+        """When step ``s`` is late: the batch's ``timeout`` of running time is used up, or else its budget is."""
+        if self.timeout is not None:
+            return s.started + self.timeout - s.batch.elapsed
+        return s.started + s.budget
+
+    def enforce_deadlines(self) -> None:
+        """Restart the host of every step past its deadline, that of an abandoned batch included; a late step that
+        has finished (its result is ready, even if not here yet) is collected instead."""
         now = time.monotonic()
-        killed = []
-        for s in list(self.running.values()):
-            b = s.batch
-            if b.finished or s.attempt != b.attempt:
-                continue
+        late = [ref for ref, s in self.running.items() if now > self.due(s)]
+        if not late:
+            return
+        finished = set(cluster.ray.wait(late, num_returns=len(late), timeout=0, fetch_local=False)[0])
+        for ref in late:
+            if ref in finished:
+                self.collect(ref)
+            elif ref in self.running:
+                self.abandon(ref, now)
+
+    def abandon(self, ref, now: float) -> None:
+        """Give up on a late step: restart its host (a forward cannot be interrupted) and fail (over ``timeout``)
+        or retry (past its default deadline: the host hung) its batch, unless that batch was already given up."""
+        s = self.running.pop(ref)
+        self.busy.discard(s.host)
+        self.stats["timeouts"] += 1
+        self.restart(s.host)
+        b = s.batch
+        if b.finished or s.attempt != b.attempt:
+            log.warning("host %r restarted: a step of an abandoned batch ran past its deadline", s.host[0])
+            return
+        b.running.discard(s.node)
+        self.emit("failed", b, s.node, s.host)
+        where = f"(at node {s.node!r} on host {s.host[0]!r})"
+        if self.timeout is not None:
             spent = b.elapsed + now - s.started
-            if spent > self.timeout:
-                self.stats["timeouts"] += 1
-                # a forward cannot be interrupted: restart the host (its step then ends with an actor error)
-                cluster.ray.kill(self.hosts[s.host[0]][s.host[1]], no_restart=False)
-                killed.append(s.host)
-                self.fail(
-                    b,
-                    f"TimeoutError: the batch ran {spent:.1f}s on hosts, over the {self.timeout:g}s "
-                    f"timeout (at node {s.node!r} on host {s.host[0]!r})",
-                )
-        return killed
+            over = f"the batch ran {spent:.1f}s on hosts, over the {self.timeout:g}s timeout"
+            self.fail(b, f"TimeoutError: {over} {where}")
+        else:
+            late = StepTimeoutError(f"the step ran {now - s.started:.1f}s, past its {s.budget:.1f}s deadline {where}")
+            self.retry(b, late, s.node)
+
+    def restart(self, host: HostSlot) -> None:
+        """Kill ``host`` for Ray to restart it, and send it no work until it answers."""
+        try:
+            cluster.ray.kill(self.hosts[host[0]][host[1]], no_restart=False)
+        except Exception:  # noqa: BLE001 - already dead: the probe tells whether it comes back
+            pass
+        self.recover(host)
 
     def emit(self, kind: str, b: Batch, node: str, host: HostSlot) -> None:
         if self.on_step is not None:
@@ -301,14 +364,17 @@ class Scheduler:
             self.retry_at[host] = 0.0
 
     def probe(self) -> None:
-        """Ask each recovering host that has no probe out, and give up on those past ``start_timeout``."""
+        """Ask each recovering host that has no probe out, and give up on those past ``start_timeout`` (also while
+        a probe is out: a host whose restart hangs never answers it)."""
         now = time.monotonic()
         for host, since in list(self.recovering.items()):
-            if host in self.probes.values() or self.retry_at.get(host, 0.0) > now:
-                continue
             if now - since > self.start_timeout:
                 self.recovering.pop(host)
+                for ref in [r for r, h in self.probes.items() if h == host]:
+                    del self.probes[ref]
                 self.dead[host] = f"host {host[0]!r} did not come back within {self.start_timeout:.0f}s"
+                continue
+            if host in self.probes.values() or self.retry_at.get(host, 0.0) > now:
                 continue
             self.probes[self.hosts[host[0]][host[1]].info.remote()] = host
 

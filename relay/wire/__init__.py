@@ -32,12 +32,17 @@ The checksum is XXH3-128 over the fixed prefix, the header and the XXH3-128 of e
 caught before the header is parsed. The header is msgpack read with strict settings (``raw=False``,
 ``strict_map_key=True``, no ext types, bounded lengths); nothing is unpickled or evaluated. Hard limits
 (:class:`WireLimits`) bound the header size, the decoded size (a zstd bomb is refused from its declared sizes
-before anything is inflated), layers, heads, tokens and frames. Every problem raises a :class:`PacketError`.
+before anything is inflated), layers, heads, tokens, groups and frames; the payload length a header implies is
+computed in Python integers, held to the decoded-size limit (so no product of header fields can overflow) and must
+equal the one the prefix declares before a zstd payload is inflated. The decoded-size limit defaults to what the
+host can hold (a quarter of its memory, at most 16 GiB; :func:`~.format.default_max_decoded_bytes`). Every problem
+raises a :class:`PacketError`.
 
 The package, one idea per module: :mod:`.format` (constants, limits, errors), :mod:`.checksum` (the tree digest),
-:mod:`.frames` (the frame spec and its placement), :mod:`.encode`, :mod:`.arena` (packets built in place) and
-:mod:`.decode`. What a packet says in human terms (``relay inspect``) is the CLI's
-(:mod:`latent_relay.relay.cli_inspect`); the checksum's tuning constants are :mod:`.checksum`'s.
+:mod:`.frames` (the frame spec and its placement), :mod:`.encode`, :mod:`.arena` (packets built in place),
+:mod:`.header` (a header's fields, within the limits, and the payload they imply) and :mod:`.decode`. What a
+packet says in human terms (``relay inspect``) is the CLI's (:mod:`latent_relay.relay.cli_inspect`); the checksum's
+tuning constants are :mod:`.checksum`'s.
 """
 
 from latent_relay.relay.wire.arena import PacketArena

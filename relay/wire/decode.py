@@ -7,23 +7,19 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import msgpack
 import torch
 import zstandard
 
-from latent_relay.kernels.reference import SUPPORTED_BITS
 from latent_relay.relay.memory import IncompatibleMemoryError, MemoryError_, Segment, check_same_model
 from latent_relay.relay.messages import LatentMessage, TextMessage
 from latent_relay.relay.wire.checksum import DIGEST_SIZE, digest
 from latent_relay.relay.wire.format import (
     ALIGN,
     DEFAULT_LIMITS,
-    DTYPES,
     FLAG_ZSTD,
-    FLOAT_NAMES,
     FORMAT_VERSION,
     MAGIC,
     PREFIX,
@@ -38,7 +34,8 @@ from latent_relay.relay.wire.format import (
     align,
     check_declared,
 )
-from latent_relay.relay.wire.frames import Frame, MemoryDims, QuantSpec, build_memory, memory_frames, placement
+from latent_relay.relay.wire.frames import Frame, MemoryDims, build_memory, memory_frames, payload_end, placement
+from latent_relay.relay.wire.header import field, implied_payload, memory_dims, strings
 
 
 @dataclass
@@ -56,8 +53,9 @@ class Packet:
 
 
 def open_packet(data: bytes | bytearray | memoryview, *, limits: WireLimits = DEFAULT_LIMITS) -> Packet:
-    """Verify a packet's framing, limits and checksum and parse its header (the payload is not yet read as
-    tensors: :func:`decode_packet` does that)."""
+    """Verify a packet's framing, limits and checksum, parse its header and check the raw payload length it
+    declares against the one its header implies (:func:`~latent_relay.relay.wire.header.implied_payload`), before a
+    zstd payload is inflated. The payload is not yet read as tensors: :func:`decode_packet` does that."""
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as e:
@@ -92,6 +90,11 @@ def open_packet(data: bytes | bytearray | memoryview, *, limits: WireLimits = DE
     if any(view[PREFIX.size + header_len : payload_off]):
         raise HeaderError("non-zero header padding")
     header = _parse_header(view[PREFIX.size : PREFIX.size + header_len], limits)
+    _, implied = implied_payload(header, limits)  # in Python integers, held to the limits, before inflating
+    if implied != raw_len:
+        raise HeaderError(
+            f"the prefix declares a raw payload of {raw_len:,} bytes; the header's frames end at {implied:,}"
+        )
     payload = _inflate(stored, raw_len) if flags & FLAG_ZSTD else stored
     return Packet(header, payload, flags, total, stored_len, header_len, header_pad)
 
@@ -134,71 +137,6 @@ def _inflate(stored: memoryview, raw_len: int) -> memoryview:
     return memoryview(out)
 
 
-def _field(header: dict, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
-    if key not in header:
-        if optional:
-            return None
-        raise HeaderError(f"header lacks {key!r}")
-    value = header[key]
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise HeaderError(f"header field {key!r} has type {type(value).__name__}")
-    return value
-
-
-def _count(header: dict, key: str, limit: int, *, minimum: int = 0) -> int:
-    value = _field(header, key, int)
-    if value < minimum:
-        raise HeaderError(f"header field {key!r} = {value} is below {minimum}")
-    if value > limit:
-        raise LimitExceededError(f"{key} = {value} exceeds the limit of {limit}")
-    return value
-
-
-def _strings(header: dict, key: str, limit: int) -> list[str]:
-    values = _field(header, key, list)
-    if len(values) > limit:
-        raise LimitExceededError(f"{len(values)} {key} exceed the limit of {limit}")
-    if not all(isinstance(v, str) for v in values):
-        raise HeaderError(f"header field {key!r} must be a list of strings")
-    return values
-
-
-def _dims(header: dict, limits: WireLimits) -> MemoryDims:
-    """The memory dimensions a latent header declares (checked against :class:`WireLimits` first)."""
-    layers = _count(header, "layers", limits.max_layers)
-    heads = _count(header, "kv_heads", limits.max_heads)
-    dim = _count(header, "head_dim", limits.max_head_dim)
-    batch = _count(header, "batch", limits.max_batch)
-    tokens = _count(header, "tokens", limits.max_tokens)
-    dtype = _field(header, "dtype", str)
-    if dtype not in FLOAT_NAMES:
-        raise HeaderError(f"memory dtype {dtype!r} is not one of {FLOAT_NAMES}")
-    per_head = _field(header, "per_head_positions", bool)
-    if 3 + 6 * layers > limits.max_frames:
-        raise LimitExceededError(f"{layers} layers need more than {limits.max_frames} frames")
-    dims = MemoryDims(layers, batch, heads, tokens, dim, DTYPES[dtype], per_head)
-    kind = _field(header, "memory", str)
-    if kind == "kv":
-        return dims
-    if kind != "quantized":
-        raise HeaderError(f"memory kind {kind!r} is neither 'kv' nor 'quantized'")
-    quant = _field(header, "quant", dict, optional=True)
-    if quant is None:
-        if layers:
-            raise HeaderError("a quantized memory needs quantization parameters")
-        return replace(dims, quantized=True)
-    bits = _field(quant, "bits", int)
-    if bits not in SUPPORTED_BITS:
-        raise HeaderError(f"quantization bits {bits} not in {SUPPORTED_BITS}")
-    groups = _field(quant, "key_group", int, optional=True), _field(quant, "value_group", int, optional=True)
-    for group in groups:
-        if group is not None and group < 1:
-            raise HeaderError(f"group size {group} must be positive")
-    return replace(dims, quantized=True, quant=QuantSpec(bits, *groups))
-
-
 @dataclass(frozen=True)
 class _Columns:
     """A memory's frames as a decoder views them: the token table's frames and their offsets, layer 0's frames and
@@ -223,16 +161,17 @@ def _tensors(packet: Packet, dims: MemoryDims, limits: WireLimits) -> tuple[dict
     """Check the header's frame table against the canonical one ``dims`` implies; return the token table's
     tensors by part and, per ``(part, field)`` of a layer's frames, its per-layer tensors: zero-copy views of the
     payload (a copy of it when the buffer's address is not aligned for the frame dtypes)."""
-    table = _field(packet.header, "frames", list)
+    table = field(packet.header, "frames", list)
     if len(table) > limits.max_frames:
         raise LimitExceededError(f"{len(table)} frames exceed the limit of {limits.max_frames}")
+    payload = packet.payload
+    end = payload_end(dims)  # Python integers: the layout is only built for a payload of its length
+    if len(payload) != end:
+        raise HeaderError(f"payload has {len(payload)} bytes; its frames end at {end}")
     canonical = placement(dims)
     # msgpack bytes compare values *and* types (1 vs True vs 1.0) in one C call, whatever the frame count
     if msgpack.packb(table) != canonical.packed:
-        _explain_frame_mismatch(table, canonical.entries, len(packet.payload))
-    payload = packet.payload
-    if len(payload) != canonical.end:
-        raise HeaderError(f"payload has {len(payload)} bytes; its frames end at {canonical.end}")
+        _explain_frame_mismatch(table, canonical.entries, len(payload))
     with warnings.catch_warnings():  # read-only buffers: the tensors alias the packet
         warnings.simplefilter("ignore")
         whole = torch.frombuffer(payload, dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
@@ -298,13 +237,13 @@ def _view(
 
 def _latent(packet: Packet, limits: WireLimits, expect_fingerprint: str | None) -> LatentMessage:
     h = packet.header
-    fingerprint = _field(h, "fingerprint", str)
+    fingerprint = field(h, "fingerprint", str)
     try:
         check_same_model(expect_fingerprint or "", fingerprint, "packet memory")
     except IncompatibleMemoryError as e:
         raise ModelMismatchError(str(e)) from None
-    agents = _strings(h, "agents", limits.max_agents)
-    dims = _dims(h, limits)
+    agents = strings(h, "agents", limits.max_agents)
+    dims = memory_dims(h, limits)
     named, columns = _tensors(packet, dims, limits)
     segment, agent = named["segment"], named["agent"]
     if segment.numel() and (int(segment.min()) < 0 or int(segment.max()) > max(Segment)):
@@ -315,20 +254,20 @@ def _latent(packet: Packet, limits: WireLimits, expect_fingerprint: str | None) 
         memory = build_memory(dims, named, columns, agents, fingerprint)
     except (MemoryError_, ValueError) as e:
         raise HeaderError(f"memory does not fit its token table: {e}") from None
-    metrics = _field(h, "metrics", dict, optional=True) or {}
-    return LatentMessage(_field(h, "sender", str), memory, _field(h, "recipe", str), metrics)
+    metrics = field(h, "metrics", dict, optional=True) or {}
+    return LatentMessage(field(h, "sender", str), memory, field(h, "recipe", str), metrics)
 
 
 def decode_packet(
     packet: Packet, *, expect_fingerprint: str | None = None, limits: WireLimits = DEFAULT_LIMITS
 ) -> TextMessage | LatentMessage:
     """The message of an opened packet (:func:`open_packet`); see :func:`decode`."""
-    kind = _field(packet.header, "kind", str)
+    kind = field(packet.header, "kind", str)
     if kind == "text":
-        texts = _strings(packet.header, "texts", limits.max_texts)
-        if packet.payload.nbytes or _field(packet.header, "frames", list):
+        texts = strings(packet.header, "texts", limits.max_texts)
+        if packet.payload.nbytes or field(packet.header, "frames", list):
             raise HeaderError("a text packet carries no frames")
-        return TextMessage(_field(packet.header, "sender", str), texts)
+        return TextMessage(field(packet.header, "sender", str), texts)
     if kind == "latent":
         return _latent(packet, limits, expect_fingerprint)
     raise HeaderError(f"unknown message kind {kind!r}")

@@ -33,6 +33,7 @@ from latent_relay.relay.wire.format import (
     check_declared,
 )
 from latent_relay.relay.wire.frames import MemoryDims, Placement, frame_tensors, memory_frames, place, placement
+from latent_relay.relay.wire.header import memory_dims
 
 if TYPE_CHECKING:
     from latent_relay.relay.wire.arena import PacketArena
@@ -187,6 +188,8 @@ def build_head(
     exactly ``size`` bytes, the rest being header padding, or ``b""`` where the header does not fit in them."""
     head_bytes = msgpack.packb(header, use_bin_type=True)
     check_declared(len(head_bytes), raw_len, limits)
+    if header.get("kind") == "latent":
+        memory_dims(header, limits)  # what a decoder would refuse (a group size over its limit...) is refused here
     used = align(PREFIX.size + len(head_bytes))
     pad = 0 if size is None else size - used
     if pad < 0:

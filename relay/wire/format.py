@@ -3,8 +3,10 @@ hard limits a decoder enforces, and the errors it raises (see :mod:`latent_relay
 
 from __future__ import annotations
 
+import os
 import struct
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,12 +66,45 @@ class ModelMismatchError(PacketError, IncompatibleMemoryError):
     an :class:`~latent_relay.relay.memory.IncompatibleMemoryError` alike)."""
 
 
+#: The environment variable that sets the default :attr:`WireLimits.max_decoded_bytes` (a byte count).
+MAX_DECODED_ENV = "RELAY_MAX_DECODED_BYTES"
+MAX_DECODED_CAP = 16 << 30  # the default never exceeds this, however much memory the host has
+MAX_DECODED_FLOOR = 256 << 20  # ...nor goes below this (a host whose memory cannot be read gets 4 GiB)
+
+
+def host_memory_bytes() -> int:
+    """The host's physical memory in bytes, or 0 where the platform does not say."""
+    try:
+        return max(0, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_max_decoded_bytes() -> int:
+    """The default decoded-size limit: ``$RELAY_MAX_DECODED_BYTES`` where set, else a quarter of the host's
+    physical memory, between 256 MiB and 16 GiB (4 GiB where the memory size cannot be read). A packet decodes
+    into memory of its raw payload's size, so this is the most one packet can make a host allocate."""
+    value = os.environ.get(MAX_DECODED_ENV, "").strip()
+    if value:
+        try:
+            limit = int(value)
+            if limit > 0:
+                return limit
+        except ValueError:
+            pass
+        warnings.warn(f"{MAX_DECODED_ENV}={value!r} is not a positive byte count; using the default", stacklevel=2)
+    memory = host_memory_bytes()
+    return min(MAX_DECODED_CAP, max(MAX_DECODED_FLOOR, memory // 4)) if memory else 4 << 30
+
+
 @dataclass(frozen=True)
 class WireLimits:
-    """Hard limits checked before anything large is allocated; defaults fit a Qwen3-8B-sized batch."""
+    """Hard limits checked before anything large is allocated. The per-field defaults fit a Qwen3-8B-sized batch;
+    ``max_decoded_bytes`` (the raw payload, which a packet decodes into) defaults to what the host can hold
+    (:func:`default_max_decoded_bytes`); every product of header fields is held to it."""
 
     max_header_bytes: int = 8 << 20
-    max_decoded_bytes: int = 16 << 30
+    max_decoded_bytes: int = field(default_factory=default_max_decoded_bytes)
     max_layers: int = 1024
     max_heads: int = 1024
     max_head_dim: int = 4096
@@ -79,6 +114,7 @@ class WireLimits:
     max_agents: int = 4096
     max_texts: int = 1 << 16
     max_string_bytes: int = 4 << 20
+    max_group_size: int = 1 << 20  # a quantization group (tokens for keys, channels for values)
 
 
 DEFAULT_LIMITS = WireLimits()

@@ -5,9 +5,10 @@ token table (``segment`` int8, ``agent`` int16, ``position`` int64), then per la
 and ``v{i}`` in the memory's dtype, or for a KIVI-quantized memory the parts
 :func:`latent_relay.relay.quantized.packed_parts` describes: ``k{i}.data``, ``k{i}.scale``, ``k{i}.zero``, then the
 value's. :func:`place` puts each frame at the next 64-byte boundary: the one layout encode writes, decode accepts and
-a :class:`~latent_relay.relay.wire.arena.PacketArena` builds a memory in. A compression step that builds a memory
-for a packet (``gather_selection``, :func:`latent_relay.relay.batch.split_items`) asks its allocator for the frames
-of the memory it builds (:func:`allocate_frames`).
+a :class:`~latent_relay.relay.wire.arena.PacketArena` builds a memory in; :func:`payload_end` is where it ends, in
+integers and without listing the frames (what a decoder holds a header to before it builds anything). A compression
+step that builds a memory for a packet (``gather_selection``, :func:`latent_relay.relay.batch.split_items`) asks its
+allocator for the frames of the memory it builds (:func:`allocate_frames`).
 """
 
 from __future__ import annotations
@@ -110,36 +111,53 @@ class Frame:
         return getattr(tensor, self.field) if self.field else tensor
 
 
-@functools.lru_cache(maxsize=64)
-def memory_frames(dims: MemoryDims) -> tuple[Frame, ...]:
-    """The frames of a memory of dimensions ``dims``, in wire order (see the module docstring)."""
+def _table_shapes(dims: MemoryDims) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The token table's frames ``(part, dtype, shape)``."""
     b, t = dims.batch, dims.tokens
     shapes = {"segment": (b, t), "agent": (b, t)}
     shapes["position"] = (dims.layers, b, dims.heads, t) if dims.per_head_positions else (b, t)
-    frames = [Frame(part, dtype, shapes[part], part) for part, dtype in TABLE_FRAMES]
-    shape = (b, dims.heads, t, dims.head_dim)
+    return [(part, dtype, shapes[part]) for part, dtype in TABLE_FRAMES]
+
+
+def _layer_columns(dims: MemoryDims) -> list[tuple[str, str, str, tuple[int, ...], torch.dtype]]:
+    """One layer's frames ``(name prefix, part, field, shape, dtype)`` (every layer has the same)."""
+    shape = (dims.batch, dims.heads, dims.tokens, dims.head_dim)
     if not dims.quantized:
-        columns = [("k", "keys", "", shape, dims.dtype), ("v", "values", "", shape, dims.dtype)]
-    elif dims.quant is None:
+        return [("k", "keys", "", shape, dims.dtype), ("v", "values", "", shape, dims.dtype)]
+    if dims.quant is None:
         if dims.layers:
             raise ValueError("a quantized memory needs quantization parameters")
-        columns = []
-    else:
-        q = dims.quant
-        columns = [
-            (prefix, part, name, part_shape, dtype)
-            for prefix, part, axis, group in (
-                ("k", "keys", KEY_AXIS, q.key_group),
-                ("v", "values", VALUE_AXIS, q.value_group),
-            )
-            for name, part_shape, dtype in packed_parts(shape, axis, group, q.bits)
-        ]
+        return []
+    q = dims.quant
+    kinds = (("k", "keys", KEY_AXIS, q.key_group), ("v", "values", VALUE_AXIS, q.value_group))
+    return [
+        (prefix, part, name, part_shape, dtype)
+        for prefix, part, axis, group in kinds
+        for name, part_shape, dtype in packed_parts(shape, axis, group, q.bits)
+    ]
+
+
+@functools.lru_cache(maxsize=64)
+def memory_frames(dims: MemoryDims) -> tuple[Frame, ...]:
+    """The frames of a memory of dimensions ``dims``, in wire order (see the module docstring)."""
+    frames = [Frame(part, dtype, shape, part) for part, dtype, shape in _table_shapes(dims)]
+    columns = _layer_columns(dims)
     for i in range(dims.layers):
         frames += [
             Frame(f"{prefix}{i}" + (f".{name}" if name else ""), dtype, part_shape, part, i, name)
             for prefix, part, name, part_shape, dtype in columns
         ]
     return tuple(frames)
+
+
+def payload_end(dims: MemoryDims) -> int:
+    """The payload length of a memory of dimensions ``dims`` (where :func:`place` ends its last frame), in Python
+    integers and without listing its frames, so that a decoder can hold any header to its limits first. Every frame
+    starts at a 64-byte boundary, so it is the frames' sizes rounded up to 64 bytes, but the last one's as it is."""
+    table = [math.prod(shape) * dtype.itemsize for _, dtype, shape in _table_shapes(dims)]
+    layer = [math.prod(shape) * dtype.itemsize for *_, shape, dtype in _layer_columns(dims)]
+    last = layer[-1] if dims.layers and layer else table[-1]
+    return sum(map(align, table)) + dims.layers * sum(map(align, layer)) - align(last) + last
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Input generators shared by the CI fuzz test and the long fuzz script: byte mutations of valid packets and
-forged packets whose checksum is valid but whose header fields are replaced by hostile values."""
+forged packets whose checksum is valid but whose header fields are replaced by hostile values (one to four nodes of
+the header at random here; several dimension fields at once, with the frame table and payload to match, in
+:mod:`tests.fuzz.structured`). Every input is decoded at the default limits (:data:`LIMITS`)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from latent_relay.relay import wire
 from tests.fuzz.packets import seal, seed_packets, split
 
 HOSTILE = [
-    None, True, -1, 0, 1, 2, 3, 7, 2**31, 2**63 - 1, -(2**63), 1.5, float("nan"), float("inf"), "", "x" * 300,
+    None, True, -1, 0, 1, 2, 3, 7, 2**31, 2**62, 2**63 - 1, 2**64 - 1, -(2**63), 1 << 20, (1 << 20) + 1, 1.5,
+    float("nan"), float("inf"), "", "x" * 300,
     "float64", "int8", "kv", "quantized", "text", "latent", [], [1], ["a"], [[]], {}, {"bits": 4},
     {"bits": 99},
     [["segment", "int8", [1, 3], 0, 3]], [[0, 0, 0, 0, 0]], b"\x00" * 8,
 ]  # fmt: skip
 
-LIMITS = wire.WireLimits(max_decoded_bytes=1 << 20, max_header_bytes=1 << 16, max_tokens=4096, max_layers=64)
+LIMITS = wire.DEFAULT_LIMITS  # what a host decodes with: the fuzzers hold those, not reduced ones
 
 
 def mutate_bytes(packet: bytes, rng: random.Random) -> bytes:
@@ -56,9 +59,10 @@ def _edit(value, rng: random.Random, depth: int = 0):
 
 
 def forge(packet: bytes, rng: random.Random) -> bytes:
-    """A re-sealed packet (valid checksum) with a hostile header edit and sometimes a mutated payload."""
+    """A re-sealed packet (valid checksum) with one to four hostile header edits and sometimes a mutated payload."""
     header, stored, raw_len, flags = split(packet)
-    header = _edit(header, rng)
+    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+        header = _edit(header, rng)
     if rng.random() < 0.3 and stored:
         stored = mutate_bytes(stored, rng)
         raw_len = len(stored) if not flags else raw_len
@@ -89,3 +93,8 @@ def random_input(rng: random.Random) -> bytes:
 
 def seeds() -> list[bytes]:
     return seed_packets()
+
+
+def latent_seeds(packets: list[bytes]) -> list[bytes]:
+    """The packets of ``packets`` that carry a working memory (what :func:`structured.forge_fields` edits)."""
+    return [p for p in packets if split(p)[0].get("kind") == "latent"]

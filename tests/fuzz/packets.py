@@ -78,18 +78,49 @@ def built_in_arena(memory: KVState, **arena_options) -> tuple[wire.PacketArena, 
 
 
 def seed_packets() -> list[bytes]:
-    """A few small valid packets of every kind (a few hundred bytes each), one of them built in place (with header
-    padding)."""
+    """A few small valid packets of every kind (a few hundred bytes to a few KB each): text, full-precision (one
+    built in place, with header padding) and quantized ones of several layers (int8 / int4 / int2, with and
+    without groups, per-head positions, zstd). The first five are the original seeds, in their order."""
     tiny = make_memory(batch=1, heads=1, tokens=3, dim=2, layers=1)
     small = make_memory(batch=1, heads=1, tokens=4, dim=2, layers=2)
     arena, in_arena = built_in_arena(small, head_room=512, min_bytes=0)
+    deep = make_memory(batch=2, heads=2, tokens=7, dim=8, layers=3, dtype=torch.bfloat16, per_head=True, seed=1)
+    wide = make_memory(batch=1, heads=2, tokens=9, dim=16, layers=2, dtype=torch.float16, seed=2)
     return [
         wire.encode(TextMessage("critic", ["x = 3", "ok"])),
         wire.encode(LatentMessage("planner", tiny, "h:budget=2")),
         wire.encode(LatentMessage("planner", make_memory(layers=1, dtype=torch.float16), ""), zstd_level=1),
         wire.encode(LatentMessage("planner", quantize_memory(tiny, 4), "gen+int4")),
         bytes(wire.encode(LatentMessage("planner", in_arena, "gen"), into=arena)),
+        wire.encode(LatentMessage("planner", quantize_memory(deep, 8), "gen+int8")),
+        wire.encode(LatentMessage("planner", quantize_memory(deep, 2, key_group_size=4, value_group_size=4), "q2")),
+        wire.encode(LatentMessage("planner", quantize_memory(wide, 4, key_group_size=2, value_group_size=8), "q4")),
+        wire.encode(LatentMessage("planner", quantize_memory(deep, 4, key_group_size=32), "q4"), zstd_level=3),
     ]
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_BLOCK = 128 << 10  # the largest block a zstd frame may hold
+
+
+def zstd_rle_frame(declared: int, blocks: int | None = None, byte: int = 0) -> bytes:
+    """A zstd frame that declares ``declared`` content bytes, built by hand from RLE blocks (4 bytes for each 128 KiB
+    of ``byte``): all of them (``blocks`` None: a ~32,000:1 bomb; 16 GiB in 512 KB) or only the first ``blocks``
+    (a truncated frame, which still makes a decoder that trusts its header allocate ``declared`` bytes)."""
+    # frame header: an 8-byte content size, a 128 KiB window (so that zstd inflates any size, as it would a real one)
+    head = ZSTD_MAGIC + bytes([0xC0, (17 - 10) << 3]) + declared.to_bytes(8, "little")
+    size = min(ZSTD_BLOCK, declared)
+    n = -(-declared // ZSTD_BLOCK) if blocks is None else blocks
+    if not n:
+        return head + (1).to_bytes(3, "little")  # one empty, last raw block
+
+    def block(size: int, last: bool) -> bytes:
+        return (int(last) | 1 << 1 | size << 3).to_bytes(3, "little") + bytes([byte])
+
+    if blocks is not None:
+        return head + block(size, False) * n
+    tail = declared - (n - 1) * ZSTD_BLOCK
+    return head + block(size, False) * (n - 1) + block(tail, True)
 
 
 def split(packet: bytes) -> tuple[dict, bytes, int, int]:
