@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from latent_relay.relay.cli_checks import UsageError, check_run_args
-from latent_relay.relay.runtime.errors import first_line
+from latent_relay.relay.runtime.errors import RayRuntimeError, first_line
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 #: Exit statuses: bad input (no run, or the run stopped), and a run in which every item of a relay mode failed.
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, LookupError) as err:
+    except (ValueError, OSError, LookupError, RayRuntimeError) as err:  # e.g. a Ray host that cannot start
         print(f"error: {first_line(err)}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -222,6 +222,16 @@ def test_cuda_without_a_gpu_is_refused(cli, capsys, monkeypatch):
     _usage_error(*_main(cli, capsys, *RUN, "--device", "cuda:1")[::2], "--device cuda:1")
 
 
+def test_a_ray_host_that_cannot_start_is_one_line(cli, capsys, monkeypatch):
+    from latent_relay.relay.runtime.errors import HostStartError
+
+    def runtime(args):
+        raise HostStartError("host 'shared' could not load m: RuntimeError: no room\nmore detail")
+
+    monkeypatch.setattr(cli, "_runtime", runtime)
+    _usage_error(*_main(cli, capsys, *RUN, "--runtime", "ray")[::2], "host 'shared' could not load")
+
+
 def test_missing_subcommand_is_one_line(cli, capsys):
     _usage_error(*_main(cli, capsys)[::2], "required")
 
