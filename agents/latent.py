@@ -35,6 +35,7 @@ class LatentInput:
     ridge: float = 1e-5
     _w_a: torch.Tensor | None = field(default=None, repr=False)
     _mu_in: torch.Tensor | None = field(default=None, repr=False)
+    _w_in_float: tuple[tuple, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("soft", "hidden", "realign"):
@@ -46,7 +47,7 @@ class LatentInput:
         """``[B, D]`` input embedding for the next latent position from the last hidden state / logits."""
         if self.mode == "soft":
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            return (probs @ w_in.float()).to(hidden.dtype)
+            return (probs @ self._float_embedding(w_in)).to(hidden.dtype)
         if self._mu_in is None:
             self._mu_in = w_in.detach().float().norm(dim=-1).mean()
         h = hidden.float()
@@ -55,3 +56,13 @@ class LatentInput:
                 self._w_a = realignment_matrix(w_out, w_in, self.ridge).to(h.device)
             h = h @ self._w_a
         return (h * self._mu_in / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(hidden.dtype)
+
+    def _float_embedding(self, w_in: torch.Tensor) -> torch.Tensor:
+        """``w_in`` in fp32, converted once per weight tensor: in a bf16 / fp16 model the conversion of a whole
+        vocabulary's embedding (151k x 1536 for Qwen2.5-1.5B) at every thought cost more than the thought's forward."""
+        if w_in.dtype == torch.float32:
+            return w_in
+        key = (id(w_in), w_in.data_ptr(), w_in._version, tuple(w_in.shape), w_in.dtype, w_in.device)
+        if self._w_in_float is None or self._w_in_float[0] != key:
+            self._w_in_float = (key, w_in.detach().float())
+        return self._w_in_float[1]
