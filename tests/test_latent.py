@@ -73,3 +73,18 @@ def test_continuation_logprobs_match_a_plain_forward_and_ignore_batch_padding():
         torch.testing.assert_close(both[b], alone[0], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="continuation"):
         runner.continuation_logprobs([None], [[1, 2]], [[]], "critic")
+
+
+def test_soft_tokens_of_a_bf16_model_convert_the_embedding_once():
+    """The fp32 copy of a bf16 embedding is made once (it cost more than a thought's forward at every thought), and
+    the soft token is exactly what converting it each time gives."""
+    gen = torch.Generator().manual_seed(0)
+    w_in = torch.randn(50, 8, generator=gen).bfloat16()
+    logits, hidden = torch.randn(3, 50, generator=gen), torch.zeros(3, 8, dtype=torch.bfloat16)
+    latent = LatentInput("soft", temperature=0.7)
+    first = latent.next_embedding(hidden, logits, w_in, w_in)
+    copy = latent._float_embedding(w_in)
+    expected = (torch.softmax(logits / 0.7, dim=-1) @ w_in.float()).to(torch.bfloat16)
+    assert torch.equal(first, expected) and latent._float_embedding(w_in) is copy
+    w_in.add_(1)  # changed weights (a new version) are converted again
+    assert latent._float_embedding(w_in) is not copy
