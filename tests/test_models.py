@@ -27,6 +27,7 @@ from latent_relay.agents.models import (
     resolve_model,
     tiny_model,
 )
+from tests.model_folders import save_tiny_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,23 +194,10 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 # --- local folders (a tiny model saved with a real tokenizer) ----------------------------------------------
 
 
-def _save_tiny_with_tokenizer(folder: Path, seed: int = 0) -> None:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(255)} | {"<unk>": 255}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
-    tiny_model("llama", seed=seed).model.save_pretrained(folder)
-
-
 def test_local_folder_reference_and_fingerprint_stability(tmp_path, isolated_cache):
     one, two = tmp_path / "one", tmp_path / "two"
-    _save_tiny_with_tokenizer(one, seed=0)
-    _save_tiny_with_tokenizer(two, seed=1)
+    save_tiny_with_tokenizer(one, seed=0)
+    save_tiny_with_tokenizer(two, seed=1)
     first = resolve_model(str(one))
     again = resolve_model(str(one))
     other = resolve_model(str(two))
@@ -226,7 +214,7 @@ def test_local_folder_reference_and_fingerprint_stability(tmp_path, isolated_cac
 
 def test_converted_folder_records_and_reuses_fingerprints_per_dtype(tmp_path, monkeypatch):
     folder = tmp_path / "converted"
-    _save_tiny_with_tokenizer(folder)
+    save_tiny_with_tokenizer(folder)
     write_marker(folder, {"source_sha256": "ab" * 32, "fingerprints": {}})
     options = {"device": "cpu", "attn_implementation": None}
     fp32 = models._load_converted(folder, "toy", dtype=torch.float32, **options)
