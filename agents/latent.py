@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
+
+from latent_relay.agents.weights import linear_weight
 
 LatentMode = Literal["soft", "hidden", "realign"]
 
@@ -44,7 +47,10 @@ class LatentInput:
             raise ValueError("the soft-token temperature must be positive")
 
     def next_embedding(self, hidden, logits, w_in, w_out) -> torch.Tensor:
-        """``[B, D]`` input embedding for the next latent position from the last hidden state / logits."""
+        """``[B, D]`` input embedding for the next latent position from the last hidden state / logits.
+
+        ``w_out`` is the output matrix or the output layer itself (plain or quantized; only ``realign`` reads it,
+        once, so a quantized head is dequantized only there)."""
         if self.mode == "soft":
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
             return (probs @ self._float_embedding(w_in)).to(hidden.dtype)
@@ -53,7 +59,8 @@ class LatentInput:
         h = hidden.float()
         if self.mode == "realign":
             if self._w_a is None:
-                self._w_a = realignment_matrix(w_out, w_in, self.ridge).to(h.device)
+                matrix = linear_weight(w_out) if isinstance(w_out, nn.Module) else w_out
+                self._w_a = realignment_matrix(matrix, w_in, self.ridge).to(h.device)
             h = h @ self._w_a
         return (h * self._mu_in / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(hidden.dtype)
 

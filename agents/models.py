@@ -1,7 +1,7 @@
 """Model references: resolve a name, folder, Hub id or GGUF file to a loaded model, tokenizer and fingerprint.
 
 A reference is one of
-- a bundled offline model name (`list_bundled()`; default `qwen2.5-coder-0.5b`),
+- a bundled offline model name (`list_bundled()`; default `qwen2.5-coder-1.5b`),
 - a path to a `.gguf` file,
 - a local model folder or a Hugging Face id (from the local Hub cache unless `allow_download=True`).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,13 @@ from latent_relay.agents.model_errors import (
     ModelReferenceError,
 )
 from latent_relay.agents.safetensors_only import hub_snapshot, safetensors_weights
+from latent_relay.agents.weights import (
+    SETTINGS,
+    default_setting,
+    quantize_linears,
+    quantized_fingerprint,
+    resolve_setting,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -92,9 +99,9 @@ def summarize_config(model: Any) -> dict[str, Any]:
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on accelerators; float32 on a CPU, where bf16 matmuls without native bf16 units are several times
-    slower in the compute-bound prefill and latent thoughts (measured by `benchmarks/cpu_dtype.py`)."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    """The dtype of :func:`~latent_relay.agents.weights.default_setting` on ``device``: bfloat16 on accelerators and
+    on CPUs with native bf16 units, float32 on other CPUs."""
+    return SETTINGS[default_setting(device)][0]
 
 
 def _as_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
@@ -258,17 +265,23 @@ def resolve_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    weights: str | None = None,
     allow_download: bool = False,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load the model a reference names. `dtype=None` (or "auto") picks :func:`default_dtype` for the device.
+    """Load the model a reference names.
+
+    ``weights`` is a setting of :data:`latent_relay.agents.weights.SETTINGS` (a dtype, or quantized linear layers
+    such as ``int8``); ``dtype`` is the older way to name a plain dtype. With neither (or ``"auto"``) the model
+    runs in :func:`default_dtype` for the device. A quantized model's fingerprint differs from its float one.
 
     Raises `ModelReferenceError` for a reference that names nothing loadable (the message lists the bundled
     models), `BundledModelNotInstalledError` (a `ModelReferenceError`) naming the pip command when a bundled
-    model's package is missing, and `ChecksumMismatchError` when GGUF bytes do not match the pinned SHA-256.
+    model's package is missing, `ChecksumMismatchError` when GGUF bytes do not match the pinned SHA-256, and
+    `WeightSettingError` (a `ValueError`) for a setting this device cannot run.
     """
     started = time.perf_counter()
-    torch_dtype = _as_dtype(dtype, device)
+    setting, torch_dtype, kind = _setting(dtype, weights, device)
     ref = ref.strip()
     if not ref:
         raise _unknown_reference(ref, "empty")
@@ -279,9 +292,35 @@ def resolve_model(
         loaded = _resolve_gguf(Path(ref).expanduser(), **common)
     else:
         loaded = _resolve_hub_or_folder(ref, allow_download=allow_download, **common)
+    if kind is not None:
+        loaded = quantized(loaded, setting, kind)
     elapsed = time.perf_counter() - started
-    log(f"loaded {loaded.name} ({_dtype_name(torch_dtype)}, {device}) in {elapsed:.1f}s")
+    log(f"loaded {loaded.name} ({setting}, {device}) in {elapsed:.1f}s")
     return loaded
+
+
+def quantized(loaded: LoadedModel, setting: str, kind: str) -> LoadedModel:
+    """``loaded`` with its linear layers quantized to ``kind`` in place, under its new fingerprint."""
+    quantize_linears(loaded.model, kind)
+    return replace(
+        loaded,
+        fingerprint=quantized_fingerprint(loaded.fingerprint, kind),
+        config_summary={**loaded.config_summary, "weights": setting},
+        extra={**loaded.extra, "weights": setting},
+    )
+
+
+def _setting(dtype, weights, device) -> tuple[str, torch.dtype, str | None]:
+    """The weight setting named by ``weights`` or (the older way) ``dtype``; naming two different ones is an error."""
+    if weights in (None, "auto"):
+        if dtype in (None, "auto"):
+            return resolve_setting(None, device)
+        torch_dtype = _as_dtype(dtype, device)
+        return _dtype_name(torch_dtype), torch_dtype, None
+    setting = resolve_setting(weights, device)
+    if dtype not in (None, "auto") and _as_dtype(dtype, device) != setting[1]:
+        raise ModelReferenceError(f"dtype {dtype!r} and weights {weights!r} disagree; give only weights")
+    return setting
 
 
 # Tiny random models for tests: 2 layers, hidden 64, 4 query heads, 2 KV heads, 256-token vocabulary.

@@ -26,6 +26,7 @@ from latent_relay.agents.cache import read_back, to_cache
 from latent_relay.agents.decode_rows import DecodeRows
 from latent_relay.agents.decoding import AnswerStop, DecodeConfig, TokenPicker
 from latent_relay.agents.latent import LatentInput
+from latent_relay.agents.weights import linear_weight
 from latent_relay.relay.batch import split_items, split_observation, stack_items
 from latent_relay.relay.memory import KVState, Segment, check_same_model
 from latent_relay.relay.observation import Observation
@@ -92,10 +93,8 @@ class ModelRunner:
         scoring with ``value=wo`` (arXiv 2605.08234). Read from ``self_attn.o_proj`` of each decoder layer, as in
         the Llama, Qwen2 and Qwen3 model classes of transformers."""
         layers = getattr(self.decoder, "layers", None)
-        weights = [
-            getattr(getattr(getattr(layer, "self_attn", None), "o_proj", None), "weight", None)
-            for layer in (layers or [])
-        ]
+        o_projs = [getattr(getattr(layer, "self_attn", None), "o_proj", None) for layer in (layers or [])]
+        weights = [None if o is None else linear_weight(o) for o in o_projs]  # dequantized where quantized
         if len(weights) != self.num_layers or any(w is None for w in weights):
             raise ValueError(
                 f"value=wo needs each decoder layer's self_attn.o_proj, which {type(self.model).__name__} does not "
@@ -140,7 +139,7 @@ class ModelRunner:
             rows = []
             with self._eager_attention(observe):
                 for _ in range(thoughts):
-                    embedding = self.latent.next_embedding(hidden, logits, self.embed.weight, self.lm_head.weight)
+                    embedding = self.latent.next_embedding(hidden, logits, self.embed.weight, self.lm_head)
                     ones = torch.ones(memory.batch_size, 1, dtype=torch.bool, device=self.device)
                     thought = torch.full_like(ones, int(Segment.THOUGHT), dtype=torch.long)
                     memory, hidden, attn = self._forward(memory, cache, embedding[:, None], ones, thought, idx, observe)

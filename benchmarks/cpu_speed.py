@@ -14,12 +14,15 @@ Fidelity: NLL per token of GSM8K reference solutions (``--items`` items, :mod:`l
 under each setting, its paired difference to float32 with a 95% bootstrap interval over items, and how often the
 most likely token is float32's.
 
-Settings (:mod:`latent_relay.benchmarks.torch_weight_only` holds the swaps; none of them is a ``relay`` option yet):
-``float32`` and ``bfloat16`` load the model in that dtype; ``int8`` and ``int4`` are bfloat16 with every linear
-layer (output head included) swapped for torch's int8 or int4 (32-input groups) weight-only CPU kernel;
-``row-int8`` is float32 with every linear layer on int8 dot products (``torch._int_mm``), int8 weights per output
-row and each token's activations quantized on the fly with its own scale; ``dynamic-int8`` (only on request) is
-torch.ao's dynamic int8 linear, one activation scale per call, which one outlier token ruins.
+Relay cost: seconds per GSM8K item for the single agent, text relay and latent relay (``--relay-items`` items as one
+batch, :mod:`latent_relay.benchmarks.relay_seconds`) under each of ``--relay-settings``, as ratios to float32.
+
+Settings are ``relay run --weights`` settings (:mod:`latent_relay.agents.weights`): ``float32`` and ``bfloat16``
+load the model in that dtype; ``int8`` and ``int4`` are bfloat16 with every linear layer (output head included) on
+torch's int8 or int4 (32-input groups) weight-only CPU kernel; ``row-int8`` is float32 with every linear layer on
+int8 dot products (``torch._int_mm``), int8 weights per output row and each token's activations quantized on the fly
+with its own scale. ``dynamic-int8`` (here only, on request) is torch.ao's dynamic int8 linear, one activation scale
+per call, which one outlier token ruins.
 
 Whether bfloat16 can be fast depends on the CPU: the first lines say what torch sees (native bf16 dot products:
 AVX512_BF16 or AMX; without them oneDNN reports bf16 unsupported and bf16 matmuls take a slow path). To see such a
@@ -42,6 +45,7 @@ import torch
 
 from latent_relay.agents.models import hide_loading_progress, resolve_model
 from latent_relay.agents.runner import ModelRunner
+from latent_relay.agents.weights import SETTINGS as WEIGHT_SETTINGS
 from latent_relay.benchmarks.answer_nll import (
     AnswerScore,
     mean_per_token,
@@ -50,18 +54,11 @@ from latent_relay.benchmarks.answer_nll import (
     score_answers,
     top1_agreement,
 )
+from latent_relay.benchmarks.relay_seconds import ModeCost, cost_lines, relay_costs
 from latent_relay.benchmarks.step_phases import StepTimes, random_prompts, time_step
-from latent_relay.benchmarks.torch_weight_only import quantize_dynamic_int8, swap_linears
 
-#: Setting -> (the dtype its model loads in, the linear-layer swap of ``torch_weight_only`` or None).
-SETTINGS = {
-    "float32": ("float32", None),
-    "bfloat16": ("bfloat16", None),
-    "int8": ("bfloat16", "int8"),
-    "int4": ("bfloat16", "int4"),
-    "row-int8": ("float32", "row-int8"),
-    "dynamic-int8": ("float32", "dynamic-int8"),
-}
+#: The ``--weights`` settings, and torch.ao's dynamic int8 (float32, then :func:`quantize_dynamic_int8`).
+SETTINGS = (*WEIGHT_SETTINGS, "dynamic-int8")
 #: What a plain run measures: ``dynamic-int8`` loses too much (see the results file), so only on request.
 DEFAULT_SETTINGS = ("float32", "bfloat16", "int8", "int4", "row-int8")
 #: Environment variables that make torch use less of the CPU than it has (to see a CPU without native bf16).
@@ -103,14 +100,22 @@ def cpu_features() -> list[str]:
     ]
 
 
-def load_runner(model: str, setting: str) -> ModelRunner:
-    dtype, swap = SETTINGS[setting]
-    loaded = resolve_model(model, dtype=dtype)
-    if swap == "dynamic-int8":
+def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (float32) with every ``nn.Linear`` swapped for torch's dynamic int8 linear, in place."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def load(model: str, setting: str):
+    """The loaded model (:class:`~latent_relay.agents.models.LoadedModel`) under ``setting``."""
+    if setting == "dynamic-int8":
+        loaded = resolve_model(model, weights="float32")
         quantize_dynamic_int8(loaded.model)
-    elif swap is not None:
-        swap_linears(loaded.model, swap)
-    return ModelRunner.from_loaded(loaded)
+        return loaded
+    return resolve_model(model, weights=setting)
 
 
 def time_setting(runner: ModelRunner, args) -> list[tuple[StepTimes, StepTimes]]:
@@ -151,19 +156,31 @@ def fidelity_lines(scores: dict[str, list[AnswerScore]], tokens: int) -> list[st
     return lines
 
 
+def relay_cost_block(costs: dict[str, dict[str, ModeCost]], args) -> list[str]:
+    head = f"relay cost: seconds per GSM8K item, budget {args.relay_budget} tokens, 10 latent thoughts per agent"
+    return [head, *cost_lines(costs)]
+
+
 def run_model(model: str, settings: list[str], args) -> None:
     """Each setting in turn (one model in memory at a time): load, time, score the references."""
     started = time.perf_counter()
-    times, scores, items = {}, {}, None
+    times, scores, costs, items = {}, {}, {}, None
     for setting in settings:
         load_start = time.perf_counter()
-        runner = load_runner(model, setting)
+        loaded = load(model, setting)
+        runner = ModelRunner.from_loaded(loaded)
         ready = time.perf_counter() - load_start
         items = items or reference_items(runner.tokenizer, args.items, args.data_dir)
         times[setting] = time_setting(runner, args)
         scores[setting] = score_answers(runner, items)
-        print(f"  {model} {setting}: ready in {ready:.1f}s, timed and scored", flush=True)
-        del runner
+        done = "timed and scored"
+        if args.relay_items and setting in args.relay_settings:
+            costs[setting] = relay_costs(
+                loaded, args.relay_items, budget=args.relay_budget, latent_steps=10, data_dir=args.data_dir
+            )
+            done += ", relay modes run"
+        print(f"  {model} {setting}: ready in {ready:.1f}s, {done}", flush=True)
+        del runner, loaded
         gc.collect()
     print(
         f"\n{model}: batch {args.batch}, {args.prompt}-token prompts, {args.thoughts} thoughts, {args.tokens} tokens, "
@@ -171,6 +188,8 @@ def run_model(model: str, settings: list[str], args) -> None:
     )
     print("\n".join(speed_table(times, args)))
     print("\n".join(fidelity_lines(scores, sum(len(i.answer) for i in items))))
+    if costs:
+        print("\n".join(relay_cost_block(costs, args)))
     print(f"({model}: {time.perf_counter() - started:.0f}s)\n", flush=True)
 
 
@@ -186,14 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=16, help="GSM8K items for the NLL")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-dir", default=None, help="the shared data folder (default: as `relay run` finds it)")
+    parser.add_argument("--relay-items", type=int, default=2, help="GSM8K items for the relay cost (0: skip it)")
+    parser.add_argument(
+        "--relay-settings", default="float32,bfloat16", help="settings whose relay cost is measured (comma-separated)"
+    )
+    parser.add_argument("--relay-budget", type=int, default=512, help="decoding budget of the relay cost's agents")
     parser.add_argument("--quick", action="store_true", help="smollm2-135m, batch 2, 16-token prompts, 2 items")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch, args.prompt, args.thoughts, args.tokens = "smollm2-135m", 2, 16, 2, 3
-        args.items, args.repeats = 2, 1
+        args.items, args.repeats, args.relay_items, args.relay_budget = 2, 1, 1, 8
     if args.tokens < 2 or min(args.batch, args.prompt, args.thoughts, args.items, args.repeats) < 1:
         raise SystemExit("--tokens needs at least 2; --batch, --prompt, --thoughts, --items, --repeats at least 1")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.relay_settings = [s.strip() for s in args.relay_settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown or not settings:
         raise SystemExit(f"unknown settings {unknown or args.settings!r}; choose from {', '.join(SETTINGS)}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from latent_relay.relay.cli_checks import UsageError, check_run_args
 from latent_relay.relay.runtime.errors import RayRuntimeError, first_line
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 #: Exit statuses: bad input (no run, or the run stopped), and a run in which every item of a relay mode failed.
 EXIT_USAGE, EXIT_ALL_FAILED = 2, 1
 
@@ -56,7 +56,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--soft-temperature", type=float, default=1.0, help="temperature of soft tokens (default: 1.0)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=256, help="decoding budget of text-producing agents (default: 256)"
+        "--max-new-tokens", type=int, default=512, help="decoding budget of text-producing agents (default: 512)"
     )
     p.add_argument("--batch-size", type=int, default=4, help="items per forward (default: 4)")
     p.add_argument(
@@ -74,11 +74,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     p.add_argument(
-        "--dtype",
+        "--weights",
         default="auto",
-        help="model and memory dtype: auto | bfloat16 | float16 | float32 (default auto: float32 on a CPU, "
-        "bfloat16 on a GPU; see benchmarks/cpu_dtype.py)",
+        help="how the model runs: auto | float32 | bfloat16 | float16 | int8 | int4 | row-int8 (quantized linear "
+        "layers on torch's CPU kernels). Default auto: bfloat16 on a GPU and on CPUs with native bf16 units, else "
+        "float32 (see README, 'Speed on a CPU')",
     )
+    p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # the older name of a float --weights
     p.add_argument(
         "--timeout", type=float, default=None, help="Ray: seconds a batch may run on hosts before it is abandoned"
     )
@@ -264,7 +266,7 @@ def _runtime(args):
         from latent_relay.relay.runtime.ray_runtime import HostModel, RayRuntime
 
         return RayRuntime(
-            HostModel(ref=args.model, dtype=args.dtype),
+            HostModel(ref=args.model, weights=args.weights),
             latent=latent,
             decode=decode,
             device=args.device,
@@ -273,7 +275,7 @@ def _runtime(args):
             timeout=args.timeout,
         )
     hide_loading_progress()  # our own progress line says when the model is loaded
-    return LocalRuntime(args.model, latent=latent, decode=decode, device=args.device, dtype=args.dtype)
+    return LocalRuntime(args.model, latent=latent, decode=decode, device=args.device, weights=args.weights)
 
 
 def _run_mode(runtime, graph, task, items, mode, args, writer):

@@ -86,29 +86,39 @@ def check_device(device: str, *, here: bool) -> None:
         raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def check_dtype(dtype: str, modes: list[str]) -> None:
-    """``auto`` or a float dtype; a relay that hands over working memory carries only the wire's float dtypes."""
-    if dtype == "auto":
-        return
-    import torch
-
+def check_weights(args, modes: list[str]) -> None:
+    """``--weights``: ``auto`` or a setting of :data:`latent_relay.agents.weights.SETTINGS` (``float64`` too, with
+    text relay only: a relay that hands over working memory carries only the wire's float dtypes). ``--dtype``, its
+    older name for float settings, becomes ``--weights`` here; the two may not disagree."""
+    from latent_relay.agents.weights import SETTINGS
     from latent_relay.relay.wire.format import FLOAT_NAMES
 
-    resolved = getattr(torch, dtype.removeprefix("torch."), None)
-    name = str(resolved).removeprefix("torch.") if isinstance(resolved, torch.dtype) else None
-    if name not in (*FLOAT_NAMES, "float64"):
-        raise UsageError(f"--dtype {dtype!r}: use auto, {', '.join(FLOAT_NAMES)} (or float64 with text relay)")
+    if args.dtype not in (None, "auto"):
+        dtype = args.dtype.removeprefix("torch.")
+        if dtype not in (*FLOAT_NAMES, "float64"):
+            raise UsageError(f"--dtype {args.dtype!r}: use auto, {', '.join(FLOAT_NAMES)} (quantized: --weights)")
+        if args.weights not in ("auto", dtype):
+            raise UsageError(f"--dtype {args.dtype} and --weights {args.weights} disagree; give only --weights")
+        option, args.weights = "--dtype", dtype
+    else:
+        option = "--weights"
+    name = args.weights
+    if name != "auto" and name not in (*SETTINGS, "float64"):
+        raise UsageError(f"{option} {name!r}: use auto, {', '.join(SETTINGS)} (or float64 with text relay)")
+    carried = SETTINGS[name][0] if name in SETTINGS else None  # the dtype of the working memory
     latent = [m for m in modes if m not in MEMORYLESS]
-    if latent and name not in FLOAT_NAMES:
+    if latent and name != "auto" and str(carried).removeprefix("torch.") not in FLOAT_NAMES:
         raise UsageError(
-            f"--dtype {dtype}: relay mode {latent[0]} hands over working memory, which travels as "
+            f"{option} {name}: relay mode {latent[0]} hands over working memory, which travels as "
             f"{', '.join(FLOAT_NAMES)} only; use one of those (or --relay text)"
         )
+    if SETTINGS.get(name, (None, None))[1] is not None and args.device != "cpu":
+        raise UsageError(f"{option} {name}: quantized layers run on torch's CPU kernels; use --device cpu")
 
 
 def check_run_args(args, modes: list[str]) -> None:
     """Every check above, for ``relay run`` / ``relay compare`` running ``modes``."""
     check_numbers(args)
     check_combinations(args)
-    check_dtype(args.dtype, modes)
+    check_weights(args, modes)
     check_device(args.device, here=not (args.runtime == "ray" and args.address))

@@ -20,7 +20,7 @@ class DecodeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(256, ge=1, le=32768)
+    max_new_tokens: int = Field(512, ge=1, le=32768)
     greedy: bool = True
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
         (["codec", "--quick", "--repeats", "1"], ["raw encode + decode vs memcpy", "hops again"]),
         (["compression_overhead", "--quick", "--rounds", "1"], ["L-OBF loop (paper)", "relative |delta|"]),
         (["ray_transport", "--quick", "--repeats", "1"], ["numpy / bytes", "relay hop between two hosts"]),
-        (["cpu_speed", "--quick"], ["torch CPU capability", "decode b2", "vs float32", "top-1 same"]),
+        (
+            ["cpu_speed", "--quick"],
+            ["torch CPU capability", "decode b2", "vs float32", "top-1 same", "relay cost", "latent s/item"],
+        ),
     ],
 )
 def test_quick_benchmark_runs(args, expect):

@@ -30,6 +30,7 @@ class HostModel:
     tiny_seed: int = 0
     tokenizer: Any = None
     dtype: str | None = None
+    weights: str | None = None  # a setting of latent_relay.agents.weights.SETTINGS (dtype or quantized layers)
 
     @classmethod
     def tiny(cls, arch: str = "llama", seed: int = 0, tokenizer: Any = None) -> HostModel:
@@ -52,7 +53,7 @@ class HostModel:
             return loaded
         from latent_relay.agents.models import resolve_model
 
-        return resolve_model(self.ref, device=device, dtype=self.dtype)
+        return resolve_model(self.ref, device=device, dtype=self.dtype, weights=self.weights)
 
 
 def as_host_model(model: str | HostModel) -> HostModel:

@@ -26,11 +26,12 @@ class LocalRuntime:
     """Runs graphs over task items in this process, every node on one shared model (see :class:`NodeExecutor` for
     one node's work).
 
-    ``model``: a model reference (loaded with :func:`latent_relay.agents.models.resolve_model` on ``device`` /
-    ``dtype``), a model :func:`~latent_relay.agents.models.resolve_model` loaded, or a ready
-    :class:`NodeExecutor` (then ``latent`` and ``decode`` are its own). ``latent`` says how a hidden state becomes
-    the next input (:class:`~latent_relay.agents.latent.LatentInput`), ``decode`` how nodes without their own
-    decoding settings decode. ``model_name`` labels the records (default: the loaded model's name).
+    ``model``: a model reference (loaded with :func:`latent_relay.agents.models.resolve_model` on ``device`` in
+    ``weights``, a setting of :data:`latent_relay.agents.weights.SETTINGS`, or ``dtype``, its older name), a
+    model :func:`~latent_relay.agents.models.resolve_model` loaded, or a ready :class:`NodeExecutor` (then
+    ``latent`` and ``decode`` are its own). ``latent`` says how a hidden state becomes the next input
+    (:class:`~latent_relay.agents.latent.LatentInput`), ``decode`` how nodes without their own decoding settings
+    decode. ``model_name`` labels the records (default: the loaded model's name).
     """
 
     def __init__(
@@ -42,11 +43,15 @@ class LocalRuntime:
         decode: DecodeConfig | None = None,
         device: str = "cpu",
         dtype: str | None = None,
+        weights: str | None = None,
     ):
         if isinstance(model, NodeExecutor):
             self.executor = model
         else:
-            loaded = resolve_model(model, device=device, dtype=dtype) if isinstance(model, str) else model
+            if isinstance(model, str):
+                loaded = resolve_model(model, device=device, dtype=dtype, weights=weights)
+            else:
+                loaded = model
             self.executor = NodeExecutor(ModelRunner.from_loaded(loaded, latent=latent), decode)
             model_name = model_name or loaded.name
         self.model_name = model_name
