@@ -1,13 +1,14 @@
 """Which dtype runs agent steps fastest on this machine: prefill, latent thoughts and decoding timed per dtype.
 
 The default weights of `relay run` (`latent_relay.agents.weights.default_setting`: bfloat16 where the CPU has native
-bf16 units, else float32) rest on this benchmark and on `cpu_speed`, and the answer depends on the CPU. CPUs without native bf16 dot products (AVX2 only; AVX-512 parts without AVX512_BF16, such
-as Skylake-SP to Ice Lake) run bf16 matmuls through a slow path, so a compute-bound prefill can be several times
-slower in bf16 than in fp32 even though bf16 halves the weight bytes. CPUs with AVX512_BF16 (AMD Zen 4 and later,
-Intel Cooper Lake) or AMX (Intel Sapphire Rapids and later) run them natively: the project's 2-core AMD EPYC
-build machine has AVX512_BF16 and AVX512_VNNI (no AMX), and there bf16 prefill was about 4.4x *faster* than fp32 on
-qwen2.5-coder-1.5b (`benchmarks/results/cpu_speed_2026-12-07.txt`, which also limits torch to AVX2 to show the
-other case). `python -m latent_relay.benchmarks.cpu_speed` prints what torch sees on your CPU.
+bf16 units, else float32) rest on this benchmark and on `cpu_speed`, and the answer depends on the CPU. CPUs without
+native bf16 dot products (AVX2 only; AVX-512 parts without AVX512_BF16, such as Skylake-SP to Ice Lake) run bf16
+matmuls through a slow path, so a compute-bound prefill can be several times slower in bf16 than in fp32 even though
+bf16 halves the weight bytes. CPUs with AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake) or AMX (Intel Sapphire
+Rapids and later) run them natively: the project's 2-core AMD EPYC build machine has AVX512_BF16 and AVX512_VNNI (no
+AMX), and there bf16 prefill was about 4.4x *faster* than fp32 on qwen2.5-coder-1.5b
+(`benchmarks/results/cpu_speed_2026-12-07.txt`, which also limits torch to AVX2 to show the other case).
+`python -m latent_relay.benchmarks.cpu_speed` prints what torch sees on your CPU.
 
     python -m latent_relay.benchmarks.cpu_dtype                # default bundled model, batch 8, 200-token prompts
     python -m latent_relay.benchmarks.cpu_dtype --model smollm2-135m --quick

@@ -13,12 +13,13 @@ the batch or of one of its items.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latent_relay.compression.backfill import (
     BackfillConfig,
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from latent_relay.compression.quant import QuantizedMemory
 
 Metrics = dict[str, Any]
+
+#: Scored-eviction options that belong to a selector (keyword parameters of the selectors that take them).
+_SELECTOR_OPTIONS = ("tau",)
 
 
 class RecipeError(ValueError):
@@ -100,6 +104,9 @@ class Evicted:
             "prompt_tokens": total,
             "kept_prompt_tokens": int(kept.sum()),
         }
+        if self.selection.layer is not None:  # ASL: the selection layer L* (-1: none)
+            layer = self.selection.layer if item is None else self.selection.layer[item : item + 1]
+            metrics["selection_layer"] = int(layer[0]) if layer.numel() == 1 else layer.tolist()
         if self.backfill is not None:
             metrics.update(self.backfill.diagnostics(item))
         return metrics
@@ -143,13 +150,17 @@ class Backfill(BaseModel):
 
 class ScoredEviction(Eviction):
     """Keep the top-``budget`` prompt tokens of the current agent by latent-query attention (the Orthogonal
-    Backfill paper, arXiv 2604.13349), per (layer, KV head) with the ``head`` selector (H) or one set per layer
-    shared by all KV heads with ``layer`` (L); optionally SnapKV average pooling of the scores (arXiv 2404.14469),
-    value-aware scores (VATP arXiv 2406.12335, arXiv 2605.08234) and Orthogonal Backfill of the evicted values into
-    the kept ones (``backfill``; H-OBF and L-OBF, arXiv 2604.13349)."""
+    Backfill paper, arXiv 2604.13349), per (layer, KV head) with the ``head`` selector (H), one set per layer
+    shared by all KV heads with ``layer`` (L), or one set for the layers after an adaptive selection layer with
+    ``asl`` (ASL, arXiv 2601.07667, threshold ``tau``); optionally SnapKV average pooling of the scores (arXiv
+    2404.14469), value-aware scores (VATP arXiv 2406.12335, arXiv 2605.08234) and Orthogonal Backfill of the evicted
+    values into the kept ones (``backfill``; H-OBF and L-OBF, arXiv 2604.13349)."""
 
     selector: str = "head"
     budget: int = Field(32, ge=1, description="prompt tokens each head keeps")
+    tau: float | None = Field(
+        None, gt=0, lt=1, description="ASL stability threshold (selectors with a tau option; their default if unset)"
+    )
     pool: int = Field(1, ge=1, description="SnapKV average-pooling kernel along tokens (1 = none)")
     value: Literal["none", "l1", "l2", "wo"] = Field("none", description="value-aware score factor")
     backfill: Backfill | None = None
@@ -161,9 +172,34 @@ class ScoredEviction(Eviction):
             raise ValueError(f"unknown selector {name!r} (known: {', '.join(sorted(SELECTORS))})")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _selector_options(cls, data: Any) -> Any:
+        """A selector option (``tau``) is given only to a selector that takes it, which fills in its default."""
+        if not isinstance(data, dict) or data.get("selector", "head") not in SELECTORS:
+            return data
+        takes = inspect.signature(SELECTORS[data.get("selector", "head")]).parameters
+        for option in _SELECTOR_OPTIONS:
+            if option not in takes and data.get(option) is not None:
+                raise ValueError(f"option {option!r} is not one of selector {data.get('selector', 'head')!r}")
+            if option in takes and data.get(option) is None:
+                data = {**data, option: takes[option].default}
+        return data
+
+    def selector_options(self) -> dict[str, Any]:
+        """The options this step hands its selector beyond the budget (``tau`` for ``asl``)."""
+        return {option: getattr(self, option) for option in _SELECTOR_OPTIONS if getattr(self, option) is not None}
+
     def options(self) -> dict[str, Any]:
         backfill = self.backfill.model_dump() if self.backfill is not None else {}
-        return {"selector": self.selector, "budget": self.budget, "pool": self.pool, "value": self.value, **backfill}
+        return {
+            "selector": self.selector,
+            "budget": self.budget,
+            "tau": self.tau,
+            "pool": self.pool,
+            "value": self.value,
+            **backfill,
+        }
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> ScoredEviction:
@@ -192,9 +228,8 @@ class ScoredEviction(Eviction):
             raise RecipeError(f"recipe step {self.name!r} ranks tokens by the agent's observation, but none was given")
         config = self.backfill_config()
         scores = compute_scores(memory, observation, pool=self.pool, value=self.value, output_proj=output_proj)
-        selection = SELECTORS[self.selector](
-            scores, prompt_mask(memory, current_agent_index(memory, observation)), self.budget
-        )
+        prompt = prompt_mask(memory, current_agent_index(memory, observation))
+        selection = SELECTORS[self.selector](scores, prompt, self.budget, **self.selector_options())
         if config is None:
             return Evicted(gather_selection(memory, selection, allocate).memory, selection)
         result = orthogonal_backfill(memory, selection, scores, config)

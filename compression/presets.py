@@ -1,8 +1,10 @@
 """Recipe names as presets of the methods in :mod:`latent_relay.compression.methods` (the way NVIDIA kvpress
 composes presses instead of multiplying classes): ``h``, ``l``, ``h-obf`` and ``l-obf`` are one
 :class:`~latent_relay.compression.methods.ScoredEviction` with a selector and, for OBF, a backfill of rank 2 (H-OBF)
-or 4 (L-OBF) (arXiv 2604.13349); ``gen`` is generation-only eviction; ``int8`` and ``int4`` one
-:class:`~latent_relay.compression.methods.Quantize` (KIVI, arXiv 2402.02750).
+or 4 (L-OBF) (arXiv 2604.13349); ``asl`` and ``asl-obf`` the same with the adaptive-selection-layer selector
+(ASL, arXiv 2601.07667: threshold ``tau``, SnapKV pooling kernel 7 by default as in the paper; OBF rank 2, as
+H-OBF, since the layers up to the selection layer select per head); ``gen`` is generation-only eviction; ``int8``
+and ``int4`` one :class:`~latent_relay.compression.methods.Quantize` (KIVI, arXiv 2402.02750).
 
 A preset fixes every parameter of its method except the recipe options it lists; a step's name is the preset
 whose fixed parameters it has, so a step built by hand prints the same canonical form as a parsed one.
@@ -107,6 +109,15 @@ for _preset in (
         _SCORING + _BACKFILL,
         {"rank": 4},
         ("budget", "rank"),
+    ),
+    Preset("asl", ScoredEviction, {"selector": "asl"}, ("tau", *_SCORING), {"pool": 7}, ("tau", "budget")),
+    Preset(
+        "asl-obf",
+        ScoredEviction,
+        {"selector": "asl", "backfill": {}},
+        ("tau", *_SCORING, *_BACKFILL),
+        {"pool": 7, "rank": 2},
+        ("tau", "budget", "rank"),
     ),
     Preset("gen", GenerationOnly),
     Preset("int8", Quantize, {"bits": 8}),

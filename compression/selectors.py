@@ -1,4 +1,5 @@
-"""Prompt-state eviction at a relay boundary (the Orthogonal Backfill paper's selectors, arXiv 2604.13349).
+"""Prompt-state eviction at a relay boundary (the Orthogonal Backfill paper's selectors, arXiv 2604.13349, and
+ASL's adaptive selection layer, arXiv 2601.07667).
 
 Only the *current* agent's prompt region is evicted: slots whose segment is PROMPT and whose owner is the
 observing agent. The attention sink, history (other agents' regions, decoded text) and the latent thoughts
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from latent_relay.compression.asl import TAU, check_tau, choose_layer
 from latent_relay.relay.memory import KVState, Segment, TensorAllocator
 from latent_relay.relay.observation import Observation
 from latent_relay.relay.wire.frames import MemoryDims, allocate_frames, memory_frames, uniform
@@ -58,6 +60,7 @@ class Selection:
     prompt: torch.Tensor
     kept: torch.Tensor
     shared: bool = False  # one token set for all layers and heads (positions may stay [B, T])
+    layer: torch.Tensor | None = None  # ASL: each item's selection layer L* [B] (-1: none), else None
 
     @property
     def evict(self) -> torch.Tensor:
@@ -108,6 +111,33 @@ def select_generation_only(prompt: torch.Tensor) -> Selection:
     keep = torch.zeros(1, b, 1, t, dtype=torch.bool, device=prompt.device)
     kept = torch.zeros(b, dtype=torch.long, device=prompt.device)
     return Selection(keep=keep, prompt=prompt, kept=kept, shared=True)
+
+
+def select_asl(scores: torch.Tensor, prompt: torch.Tensor, budget: int, tau: float = TAU) -> Selection:
+    """ASL: the adaptive selection layer (arXiv 2601.07667, :mod:`latent_relay.compression.asl`) on a relay edge.
+
+    Each layer's head-summed scores rank the prompt tokens (the observation's latent-thought queries, as the other
+    selectors use, play the part of the paper's last-``w`` window); each item's selection layer ``L*`` is the first
+    where the rank-variance ratio drops below ``tau``. Layers up to ``L*`` keep their own top-``budget`` per KV head
+    (SnapKV-style, as ``head``: the paper's budget mode, since every layer of a memory holds the same number of
+    slots, "kept whole" does not fit); every deeper layer keeps the one set of ``L*``'s top-``budget`` tokens, shared
+    by all heads (the tokens the paper propagates). Every head keeps exactly ``min(budget, prompt tokens)``.
+
+    When the ratio never drops below ``tau`` (as on a model too shallow for the test, see
+    :class:`~latent_relay.compression.asl.AslLayers`) no layer is selected (``layer`` -1): every layer keeps its own
+    per-head top-``budget``, exactly the ``head`` selector (the budget-mode reading of the paper's "prune nothing").
+    """
+    tau = check_tau(tau)
+    per_layer = _keep_top(scores, prompt, budget)
+    n_layers = scores.shape[0]
+    star, ranks = choose_layer(scores.sum(dim=2), prompt[None], per_layer.kept, tau)  # [B], [L, B, T]
+    at = torch.where(star < 0, n_layers - 1, star)
+    item = torch.arange(prompt.shape[0], device=prompt.device)
+    at_star = ranks[at, item]  # [B, T]: the ranks at each item's L*
+    chosen = (at_star >= 1) & (at_star <= per_layer.kept[:, None])
+    deeper = torch.arange(n_layers, device=prompt.device)[:, None] > at[None, :]  # [L, B]
+    keep = torch.where(deeper[:, :, None, None], chosen[None, :, None, :], per_layer.keep)
+    return Selection(keep=keep, prompt=prompt, kept=per_layer.kept, layer=star)
 
 
 @dataclass
@@ -227,8 +257,9 @@ def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllo
 
 
 # ------------------------------------------------------------------------------------------ selector registry
-#: A scored selector: ``(scores [L, B, H_kv, T], prompt [B, T], budget) -> Selection``.
-Selector = Callable[[torch.Tensor, torch.Tensor, int], Selection]
+#: A scored selector: ``(scores [L, B, H_kv, T], prompt [B, T], budget, **options) -> Selection``; its options are
+#: keyword parameters with defaults (``asl``'s ``tau``), set by the recipe step's options of the same name.
+Selector = Callable[..., Selection]
 
 #: Scored selectors by name; a recipe's scored-eviction step names one (``h`` -> ``head``, ``l`` -> ``layer``).
 SELECTORS: dict[str, Selector] = {}
@@ -244,3 +275,4 @@ def register_selector(name: str, selector: Selector) -> Selector:
 
 register_selector("head", select_headwise)
 register_selector("layer", select_layerwise)
+register_selector("asl", select_asl)

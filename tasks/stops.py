@@ -4,6 +4,8 @@ written in the task's format, and scoring the stopped text gives what scoring it
 - GSM8K: a closed ``\\boxed{...}`` (or ``\\fbox{...}``) holding a number, or a ``#### N`` line once the line ends.
 - MedQA: a closed ``\\boxed{...}`` holding an option letter (:data:`latent_relay.tasks.medqa.BOXED_LETTER`).
 - HumanEval: a closed fenced Python block that defines a function.
+- Needle in a haystack: a closed ``\\boxed{...}`` holding a number (GSM8K's rule).
+- Key-value retrieval: a closed ``\\boxed{...}`` holding a UUID.
 
 A rule sees the item's whole text so far and is asked only after a token that holds one of its triggers (the last
 character of a complete answer: ``}``, the newline that ends a ``#### N`` line, the closing fence's backtick).
@@ -18,7 +20,9 @@ import re
 from latent_relay.relay.decode_config import AnswerStop
 from latent_relay.tasks.gsm8k import GSM8K, last_boxed
 from latent_relay.tasks.humaneval import HumanEval
+from latent_relay.tasks.kv_retrieval import KVRetrieval, extract_id
 from latent_relay.tasks.medqa import BOXED_LETTER, MedQA
+from latent_relay.tasks.needle import Needle
 
 _HASHES_LINE = re.compile(r"####[ \t]*\$?[ \t]*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)[ \t]*\.?[ \t]*\r?\n")
 _CLOSED_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -40,6 +44,12 @@ def letter_complete(text: str) -> bool:
     return box is not None and BOXED_LETTER.match(f"\\boxed{{{box}}}") is not None
 
 
+def id_complete(text: str) -> bool:
+    """Key-value retrieval: the last ``\\boxed{...}`` is closed and holds a UUID the scorer reads."""
+    box = last_boxed(text, ("\\boxed{",), closed=True)
+    return box is not None and extract_id(box) is not None
+
+
 def code_block_complete(text: str) -> bool:
     """HumanEval: a fenced Python block (closed) that defines a function."""
     return any(lang.lower() in PYTHON_FENCES and _DEFINES.search(body) for lang, body in _CLOSED_FENCE.findall(text))
@@ -48,12 +58,15 @@ def code_block_complete(text: str) -> bool:
 NUMBER = AnswerStop("number", number_complete, triggers="}\n")
 LETTER = AnswerStop("letter", letter_complete, triggers="}")
 CODE_BLOCK = AnswerStop("code-block", code_block_complete, triggers="`")
+ID = AnswerStop("id", id_complete, triggers="}")
 
 #: answer format (the final agent's instruction) -> its stop rule
 BY_FORMAT: dict[str, AnswerStop] = {
     GSM8K.answer_format: NUMBER,
     MedQA.answer_format: LETTER,
     HumanEval.answer_format: CODE_BLOCK,
+    Needle.answer_format: NUMBER,
+    KVRetrieval.answer_format: ID,
 }
 
 

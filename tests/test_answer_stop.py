@@ -17,7 +17,7 @@ from latent_relay.relay.runtime.node import NodeExecutor
 from latent_relay.tasks.data import default_data_dir
 from latent_relay.tasks.humaneval import extract_code
 from latent_relay.tasks.registry import get_task, task_names
-from latent_relay.tasks.stops import CODE_BLOCK, LETTER, NUMBER, answer_stop_for
+from latent_relay.tasks.stops import CODE_BLOCK, ID, LETTER, NUMBER, answer_stop_for
 from tests.tiny_agents import ByteTokenizer, FakeTask
 
 needs_data = pytest.mark.skipif(not default_data_dir().is_dir(), reason="no ../shared/data")
@@ -119,7 +119,9 @@ def test_each_task_format_has_its_rule_and_other_formats_none():
     assert {name: get_task(name).answer_stop for name in task_names()} == {
         "gsm8k": NUMBER,
         "humaneval": CODE_BLOCK,
+        "kv-retrieval": ID,
         "medqa": LETTER,
+        "needle": NUMBER,
     }
     assert answer_stop_for(FakeTask.answer_format) is None and answer_stop_for("") is None
 

@@ -27,8 +27,10 @@ def _method_recipes() -> list[str]:
         "l": ["l:budget=4", "l:budget=4,value=l2"],
         "h-obf": ["h-obf:budget=4,rank=2", "h-obf:budget=4,rank=2,solver=exact,inject=attention"],
         "l-obf": ["l-obf:budget=4,rank=4", "l-obf:budget=4,ablation=no-projection,scale=share"],
+        "asl": ["asl:tau=0.3,budget=4", "asl:tau=0.6,budget=4,pool=1,value=l1"],
+        "asl-obf": ["asl-obf:budget=4", "asl-obf:tau=0.5,budget=4,rank=4,solver=exact"],
         "gen": ["gen"],
-        "int8": ["h-obf:budget=4,rank=2+int8", "int8"],
+        "int8": ["h-obf:budget=4,rank=2+int8", "asl:budget=4+int8", "int8"],
         "int4": ["l-obf:budget=4+int4", "gen+int4"],
     }
     assert sorted(per_method) == available_methods(), "a registered method has no contract recipe"

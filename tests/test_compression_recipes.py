@@ -21,6 +21,7 @@ from tests.compression_fixtures import Layout, build_memory
 
 OPTION_VALUES = {
     "budget": st.integers(1, 64).map(str),
+    "tau": st.sampled_from(["0.05", "0.3", "0.5", "0.99"]),
     "pool": st.sampled_from(["1", "3", "7"]),
     "value": st.sampled_from(["none", "l1", "L2", "wo"]),
     "rank": st.sampled_from(["1", "2", "4", "all"]),
@@ -57,7 +58,7 @@ def test_canonical_round_trips(text):
 
 
 def test_documented_recipes_parse_to_their_configs():
-    assert available_methods() == ["gen", "h", "h-obf", "int4", "int8", "l", "l-obf"]
+    assert available_methods() == ["asl", "asl-obf", "gen", "h", "h-obf", "int4", "int8", "l", "l-obf"]
     r = parse_recipe("h-obf:budget=32,rank=2+int8")
     assert r.canonical == "h-obf:budget=32,rank=2+int8" and r.bits == 8
     step = r.steps[0]

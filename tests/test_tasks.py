@@ -168,11 +168,13 @@ def test_humaneval_loader_and_real_canonical_solutions(fast_humaneval):
 
 
 def test_registry():
-    assert task_names() == ["gsm8k", "humaneval", "medqa"]
+    assert task_names() == ["gsm8k", "humaneval", "kv-retrieval", "medqa", "needle"]
     assert get_task("GSM8K").name == "gsm8k"
     for name in task_names():
         assert get_task(name).answer_format
-    with pytest.raises(UnknownTaskError, match="unknown task 'mmlu'; choose one of gsm8k, humaneval, medqa"):
+    with pytest.raises(
+        UnknownTaskError, match="unknown task 'mmlu'; choose one of gsm8k, humaneval, kv-retrieval, medqa"
+    ):
         get_task("mmlu")
 
 
