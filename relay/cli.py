@@ -38,9 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", default="sequential", help="sequential | hierarchical | single (default: sequential)")
-    p.add_argument(
-        "--task", default="gsm8k", help="gsm8k | humaneval | medqa | needle | kv-retrieval (default: gsm8k)"
-    )
+    p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa | needle | kv-retrieval (default: gsm8k)")
     p.add_argument("--n", type=int, default=20, help="number of task items, from the start of the file (default: 20)")
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
     p.add_argument(
