@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
             ["cpu_speed", "--quick"],
             ["torch CPU capability", "decode b2", "vs float32", "top-1 same", "relay cost", "latent s/item"],
         ),
+        pytest.param(
+            ["asl_longctx", "--quick"],
+            ["accuracy by KV budget", "ASL selection layer L*", "prefill time / full"],
+            id="asl_longctx",
+        ),
     ],
 )
 def test_quick_benchmark_runs(args, expect):
