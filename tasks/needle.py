@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from latent_relay.tasks.long_context import (
-    CHARS_PER_TOKEN,
-    DEPTHS,
-    LENGTHS,
     LongContextTask,
     boxed_or_text,
     filler_sentence,
@@ -51,16 +47,10 @@ class Needle(LongContextTask):
     name = "needle"
     answer_format = "Answer with the special magic number alone, in \\boxed{}."
 
-    def __init__(
-        self,
-        lengths: Sequence[int] = LENGTHS,
-        depths: Sequence[float] = DEPTHS,
-        seed: int = 0,
-        tokenizer: Any = None,
-        chars_per_token: float = CHARS_PER_TOKEN,
-        distractors: int = 0,
-    ) -> None:
-        super().__init__(lengths, depths, seed, tokenizer, chars_per_token)
+    def __init__(self, *, distractors: int = 0, **grid: Any) -> None:
+        """``distractors``: other needles (other keys, other numbers) hidden in the haystack; ``grid``: the
+        :class:`~latent_relay.tasks.long_context.LongContextTask` options (lengths, depths, seed, tokenizer, ...)."""
+        super().__init__(**grid)
         if distractors < 0:
             raise ValueError(f"distractors must be a non-negative number of other needles, got {distractors}")
         self.distractors = distractors
