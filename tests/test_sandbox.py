@@ -283,7 +283,9 @@ def test_no_network_under(isolation):
 # A harness process that runs one program in the sandbox. It imports only the tasks folder (as
 # `latent_relay.tasks`), not the package, whose __init__ takes seconds to import torch, transformers and ray.
 HARNESS = f"""
-import sys, types
+import signal, sys, types
+# Ctrl-C as at a terminal, even when pytest runs as a background job (which starts with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 for name, folder in (("latent_relay", {str(ROOT / "latent_relay")!r}), ("latent_relay.tasks", {str(ROOT / "tasks")!r})):
     sys.modules[name] = types.ModuleType(name)
     sys.modules[name].__path__ = [folder]
