@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 models: setup
 	$(PY) -c "from latent_relay.agents.models import resolve_model; resolve_model('qwen2.5-coder-1.5b'); resolve_model('smollm2-135m')"
 
-# The default model on DEMO_N GSM8K items as one batch: about 11 minutes on a 2-core CPU with native bf16 (README,
+# The default model on DEMO_N GSM8K items as one batch: an estimated 11 minutes on a 2-core CPU with native bf16 (README,
 # "The demo"); the full comparison is in benchmarks/results/gsm8k_1.5b/.
 demo: models
 	$(VENV)/bin/relay compare --graph sequential --relay single --relay text --relay latent \

@@ -1,9 +1,9 @@
 """How fast agent steps run on this CPU per model and weight setting, and what each setting costs in fidelity.
 
-    python -m latent_relay.benchmarks.cpu_speed            # both Qwen models, five settings, ~35 min
+    python -m latent_relay.benchmarks.cpu_speed            # both Qwen models, five settings, relay cost
     python -m latent_relay.benchmarks.cpu_speed --models qwen2.5-coder-1.5b --settings float32,bfloat16
     python -m latent_relay.benchmarks.cpu_speed --relay-items 0   # no relay cost: ~10 min
-    python -m latent_relay.benchmarks.cpu_speed --quick    # smollm2-135m, tiny shapes, a minute (a smoke test)
+    python -m latent_relay.benchmarks.cpu_speed --quick    # smollm2-135m, tiny shapes, a few minutes (a smoke test)
 
 For each model, the settings run one after another in one process (one copy of the model in memory at a time):
 prefill tokens/s (``--batch`` prompts of ``--prompt`` tokens, and one prompt), decoding tokens/s at batch 1 and
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=256,
         help="decoding budget per agent of the relay cost (default 256: a float32 text relay of the 1.5B model "
-        "over 2 items takes about 8 minutes with it)",
+        "over 2 items took 12 minutes with it; the float32 + bfloat16 run of that model, 27 minutes)",
     )
     parser.add_argument("--quick", action="store_true", help="smollm2-135m, batch 2, 16-token prompts, 2 items")
     args = parser.parse_args(argv)
