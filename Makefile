@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c $(LOCK) pip setuptools
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e ".[dev]"
+	$(PIP) install --quiet --no-build-isolation -c $(LOCK) -e ".[dev,bench]"
 	$(PIP) check
 	$(PIP) install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
@@ -67,7 +67,7 @@ upgrade-check:
 	echo "torch==2.13.0" > $(UPGRADE_VENV)/torch.txt
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation \
-		-c $(UPGRADE_VENV)/torch.txt -e ".[dev]"
+		-c $(UPGRADE_VENV)/torch.txt -e ".[dev,bench]"
 	$(UPGRADE_VENV)/bin/python -m pip check
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(BUNDLED)
 	{ echo "$$LOCK_HEADER"; $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \

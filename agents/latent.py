@@ -46,6 +46,15 @@ class LatentInput:
         if self.temperature <= 0:
             raise ValueError("the soft-token temperature must be positive")
 
+    def variant(self, mode: LatentMode, temperature: float, ridge: float) -> LatentInput:
+        """The same map with other settings, sharing this one's fp32 copy of the input embedding (a benchmark grid
+        switches settings between runs; each copy of a 151k-token vocabulary's embedding is ~0.9 GB)."""
+        other = LatentInput(mode, temperature, ridge)
+        other._w_in_float, other._mu_in = self._w_in_float, self._mu_in
+        if ridge == self.ridge:  # the realignment matrix depends on the ridge and the weights only
+            other._w_a = self._w_a
+        return other
+
     def next_embedding(self, hidden, logits, w_in, w_out) -> torch.Tensor:
         """``[B, D]`` input embedding for the next latent position from the last hidden state / logits.
 

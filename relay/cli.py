@@ -36,9 +36,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--graph", default="sequential", help="sequential | hierarchical | single (default: sequential)")
-    p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa | needle | kv-retrieval (default: gsm8k)")
+def _add_run_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    """The options of ``run`` and ``compare``; with ``grid`` (``bench``) ``--graph`` and ``--task`` repeat and the
+    latent and decoding options are the settings a ``--set`` does not vary."""
+    if grid:
+        p.add_argument("--graph", action="append", help="sequential | hierarchical; repeat it (default: sequential)")
+        p.add_argument("--task", action="append", help="gsm8k | humaneval | medqa | needle | kv-retrieval; repeat it")
+    else:
+        p.add_argument("--graph", default="sequential", help="sequential | hierarchical | single (default: sequential)")
+        p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa | needle | kv-retrieval")
     p.add_argument("--n", type=int, default=20, help="number of task items, from the start of the file (default: 20)")
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
     p.add_argument(
@@ -112,8 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="relay mode to compare; repeat it (default: single, text, latent). 'single' is the one-agent baseline",
     )
+    bench = sub.add_parser(
+        "bench",
+        help="a grid of methods x tasks x graphs x settings on the same items, with a report and plots",
+        description="Run every method on every task and graph under every setting, on the same item ids, sharing "
+        "the agent steps methods have in common; resumable; ends with a markdown report and PNG plots.",
+    )
+    _add_run_options(bench, grid=True)
+    bench.set_defaults(out=None)
+    bench.add_argument(
+        "--method",
+        action="append",
+        help="single | text | latent | latent+<recipe>; repeat it (default: single, text, latent)",
+    )
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="vary a setting over values (the grid is their product): latent_steps, latent_input "
+        "(soft|hidden|realign), soft_temperature, decoding (greedy|sample), temperature, seed, max_new_tokens",
+    )
+    bench.add_argument(
+        "--report", default=None, help="folder for report.md and the plots (default: --out's name + '-report')"
+    )
+    bench.add_argument("--no-plots", action="store_true", help="markdown report only")
     report = sub.add_parser("report", help="print the side-by-side table of one or more results files")
     report.add_argument("files", nargs="+", help="JSONL files written by --out")
+    report.add_argument(
+        "--markdown", action="store_true", help="markdown tables, one per task, graph and settings (as relay bench)"
+    )
     inspect = sub.add_parser("inspect", help="print a wire packet's header in human terms")
     inspect.add_argument("file")
     sub.add_parser("models", help="list the bundled offline models and the cache folder")
@@ -127,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args.file)
         if args.command == "report":
-            return _report(args.files)
+            return _report(args.files, args.markdown)
+        if args.command == "bench":
+            from latent_relay.relay.cli_bench import bench
+
+            return bench(args)
         if args.command == "models":
             return _models()
         return _run(args)
@@ -154,14 +192,15 @@ def _inspect(path: str) -> int:
     return 0
 
 
-def _report(files: list[str]) -> int:
+def _report(files: list[str], markdown: bool = False) -> int:
+    from latent_relay.relay.bench_report import markdown_report
     from latent_relay.relay.cli_report import report
     from latent_relay.relay.results import read_results
 
     results = [r for f in files for r in read_results(f)]
     if not results:
         raise UsageError("no records in " + ", ".join(files))
-    print(report(results))
+    print(markdown_report(results) if markdown else report(results))
     return 0
 
 
@@ -200,7 +239,7 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     with ResultWriter(args.out) as writer:  # locked until the run ends: a second run on --out stops here
         items = task.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]
-        runtime = _runtime(args)
+        runtime = runtime_for(args)
         try:
             results = _run_modes(runtime, graphs, task, items, modes, args, writer)
         finally:
@@ -235,7 +274,7 @@ def _run_modes(runtime, graphs, task, items, modes, args, writer) -> list:
                     file=sys.stderr,
                 )
         started = time.perf_counter()
-        results += _run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
+        results += run_mode(runtime, graphs[mode], task, todo, mode, args, writer)
         print(f"[{mode}] {len(todo)} items in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     if args.resume:
         ids = {str(it.id) for it in items}
@@ -254,7 +293,7 @@ def _exit_status(results, modes) -> int:
     return EXIT_ALL_FAILED
 
 
-def _runtime(args):
+def runtime_for(args):
     from latent_relay.agents.latent import LatentInput
     from latent_relay.agents.models import hide_loading_progress
     from latent_relay.relay.decode_config import DecodeConfig
@@ -278,7 +317,7 @@ def _runtime(args):
     return LocalRuntime(args.model, latent=latent, decode=decode, device=args.device, weights=args.weights)
 
 
-def _run_mode(runtime, graph, task, items, mode, args, writer):
+def run_mode(runtime, graph, task, items, mode, args, writer):
     if not items:
         return []
     from tqdm import tqdm

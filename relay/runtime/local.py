@@ -13,6 +13,7 @@ from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.results import ItemResult, ResultWriter
 from latent_relay.relay.runtime.node import Message, NodeExecutor, NodeOutput
 from latent_relay.relay.runtime.records import RecordBuilder
+from latent_relay.relay.runtime.step_memo import StepMemo
 
 log = logging.getLogger("relay")
 
@@ -91,13 +92,16 @@ class LocalRuntime:
             graph, task, relay, self.model_name, runner.fingerprint, runner.latent, self.executor.default_decode
         )
 
-    def run_batch(self, graph: AgentGraph, task, items: Sequence) -> dict[str, NodeOutput]:
-        """Every node's output for one batch, nodes in topological order, messages handed over in memory."""
+    def run_batch(
+        self, graph: AgentGraph, task, items: Sequence, memo: StepMemo | None = None
+    ) -> dict[str, NodeOutput]:
+        """Every node's output for one batch, nodes in topological order, messages handed over in memory; ``memo``
+        (a benchmark grid's) shares agent steps with other graphs run on the same batch."""
         questions = [it.question for it in items]
         inbox: dict[Edge, list[Message]] = {}
         outputs: dict[str, NodeOutput] = {}
         for name in graph.order:
-            out = self.executor.run(graph, name, questions, inbox, task.answer_format)
+            out = self.executor.run(graph, name, questions, inbox, task.answer_format, memo=memo)
             inbox.update(out.outgoing)
             outputs[name] = out
         return outputs

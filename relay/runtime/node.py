@@ -23,6 +23,7 @@ from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph, Edge
 from latent_relay.relay.memory import concat_memories
 from latent_relay.relay.messages import LatentMessage, TextMessage
+from latent_relay.relay.runtime.step_memo import StepMemo
 from latent_relay.tasks.stops import answer_stop_for
 
 Message = TextMessage | LatentMessage
@@ -62,12 +63,40 @@ class NodeExecutor:
         inbox: Mapping[Edge, Sequence[Message]],
         answer_format: str = "",
         exports: Collection[Edge] = (),
+        memo: StepMemo | None = None,
     ) -> NodeOutput:
         """Run node ``name`` for every item; ``inbox[edge][b]`` is item ``b``'s message along each in-edge.
 
         Every message is measured by its wire size; only the edges in ``exports`` (those that cross to another
-        process) are encoded, their packets kept in ``NodeOutput.packets`` for sending."""
+        process) are encoded, their packets kept in ``NodeOutput.packets`` for sending. With a ``memo`` (a
+        benchmark grid's, for one batch), a step another graph already ran on the same input is taken from it;
+        ``NodeOutput.seconds`` then still counts the step's own time, as if it had run here."""
         start = time.perf_counter()
+        thoughts = graph.thinks(name)
+        edges = graph.outgoing(name)
+        observe = thoughts > 0 and any(e.recipe is not None for e in edges)
+        decode = (graph.node(name).decoding or self.default_decode) if graph.decodes(name) else None
+        signature, shared = None, None
+        if memo is not None:
+            settings = {"latent": self.runner.latent, "decode": self.default_decode, "observe": observe}
+            signature = memo.signature(graph, name, questions=questions, answer_format=answer_format, **settings)
+            shared = memo.get(signature)
+        if shared is None:
+            out = self._step(graph, name, questions, inbox, answer_format, thoughts, decode, observe)
+            step_seconds = time.perf_counter() - start
+            if memo is not None:
+                memo.put(signature, out, step_seconds)
+        else:
+            out, step_seconds = shared
+        send_start = time.perf_counter()
+        result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
+        for e in edges:
+            self._send(result, name, e, out, e in exports)
+        result.seconds = step_seconds + time.perf_counter() - send_start
+        return result
+
+    def _step(self, graph, name, questions, inbox, answer_format, thoughts, decode, observe) -> AgentOutput:
+        """The agent step itself: received messages and role prompt in, memory (and texts) out."""
         node = graph.node(name)
         received = self._received(graph, name, len(questions), inbox)
         memories, prompts = [], []
@@ -84,20 +113,10 @@ class NodeExecutor:
                 has_memory=bool(latent),
             )
             prompts.append(chat_ids(self.tokenizer, message, continues=bool(latent)))
-        thoughts = graph.thinks(name)
-        edges = graph.outgoing(name)
-        observe = thoughts > 0 and any(e.recipe is not None for e in edges)
-        decode = (node.decoding or self.default_decode) if graph.decodes(name) else None
         answer_stop = answer_stop_for(answer_format) if name == graph.final else None  # the task's format
-        out = self.runner.step(
+        return self.runner.step(
             memories, prompts, name, thoughts=thoughts, decode=decode, observe=observe, answer_stop=answer_stop
         )
-
-        result = NodeOutput(texts=out.texts, output_tokens=out.output_tokens, thoughts=thoughts)
-        for e in edges:
-            self._send(result, name, e, out, e in exports)
-        result.seconds = time.perf_counter() - start
-        return result
 
     @staticmethod
     def _received(graph: AgentGraph, name: str, n: int, inbox: Mapping[Edge, Sequence[Message]]) -> list[list]:
