@@ -18,6 +18,10 @@ ROLE_PROMPTS: dict[str, str] = {
     "code": "You are a Code expert. Solve the problem, reasoning as a programmer would.",
     "summarizer": "You are the Summarizer. Weigh the experts' reasoning and give the single best final answer.",
     "solver": "Solve the problem carefully and give the final answer.",
+    "reader": "You are the Reader. Read the document and the question, and find everything in the document that "
+    "the question needs.",
+    "answerer": "You are the Answerer. The Reader has read a document for you; using what it found, answer the "
+    "question.",
 }
 
 GENERIC_ROLE = "You are the {name} agent. Work on the problem and help the team reach the right answer."

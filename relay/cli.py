@@ -40,10 +40,14 @@ def _add_run_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     """The options of ``run`` and ``compare``; with ``grid`` (``bench``) ``--graph`` and ``--task`` repeat and the
     latent and decoding options are the settings a ``--set`` does not vary."""
     if grid:
-        p.add_argument("--graph", action="append", help="sequential | hierarchical; repeat it (default: sequential)")
+        p.add_argument(
+            "--graph", action="append", help="sequential | hierarchical | reader; repeat it (default: sequential)"
+        )
         p.add_argument("--task", action="append", help="gsm8k | humaneval | medqa | needle | kv-retrieval; repeat it")
     else:
-        p.add_argument("--graph", default="sequential", help="sequential | hierarchical | single (default: sequential)")
+        p.add_argument(
+            "--graph", default="sequential", help="sequential | hierarchical | reader | single (default: sequential)"
+        )
         p.add_argument("--task", default="gsm8k", help="gsm8k | humaneval | medqa | needle | kv-retrieval")
     p.add_argument("--n", type=int, default=20, help="number of task items, from the start of the file (default: 20)")
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")

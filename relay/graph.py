@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -63,7 +63,12 @@ class _Strict(BaseModel):
 
 
 class Node(_Strict):
-    """One agent: a role (picks the default role prompt), an optional custom prompt, thoughts and decoding."""
+    """One agent: a role (picks the default role prompt), an optional custom prompt, thoughts and decoding.
+
+    ``reads``: what of a task item the agent is given. ``question`` (the default) is the whole item; ``query`` is
+    only its query, without the document a long-context item carries (``item.raw["query"]``; an item without one
+    gives its question), so that one agent can read a long document and relay its memory to agents that never
+    prefill the document themselves."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     role: str | None = None
@@ -71,10 +76,19 @@ class Node(_Strict):
     latent_steps: int | None = Field(None, ge=0, le=4096)
     decoding: DecodeConfig | None = None
     model: str | None = None
+    reads: Literal["question", "query"] = "question"
 
     @property
     def role_name(self) -> str:
         return self.role or self.name
+
+    def text_of(self, item: Any) -> str:
+        """The part of task ``item`` this agent reads (see ``reads``)."""
+        if self.reads == "query":
+            query = (getattr(item, "raw", None) or {}).get("query")
+            if query:
+                return query
+        return item.question
 
 
 class Edge(_Strict):
@@ -260,16 +274,28 @@ def hierarchical(
     )
 
 
+def reader(relay: str = "latent", latent_steps: int = 10) -> AgentGraph:
+    """A long-document graph: the reader reads the document and the question; the answerer gets only the
+    question, and the reader's memory (latent relay) or notes (text relay). With a recipe on the edge, the document's
+    memory reaches the answerer compressed: the setting where relay selectors (``h``, ``l``, ``asl``) differ most."""
+    return AgentGraph(
+        name="reader",
+        nodes=[Node(name="reader"), Node(name="answerer", reads="query")],
+        edges=[Edge(source="reader", target="answerer", relay=relay)],
+        latent_steps=latent_steps,
+    )
+
+
 def single() -> AgentGraph:
     """The one-agent baseline: one solver answers alone."""
     return AgentGraph(name="single", nodes=[Node(name="solver")], edges=[])
 
 
-BUILDERS = {"sequential": sequential, "hierarchical": hierarchical, "single": single}
+BUILDERS = {"sequential": sequential, "hierarchical": hierarchical, "reader": reader, "single": single}
 
 
 def build_graph(name: str, relay: str = "latent", latent_steps: int = 10) -> AgentGraph:
-    """A named built-in graph (``sequential``, ``hierarchical``, ``single``) with the given relay mode."""
+    """A named built-in graph (``sequential``, ``hierarchical``, ``reader``, ``single``) with the given relay mode."""
     if name not in BUILDERS:
         raise GraphError(f"unknown graph {name!r}; choose one of {', '.join(BUILDERS)} (or build an AgentGraph)")
     if name == "single":

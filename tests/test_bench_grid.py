@@ -126,3 +126,30 @@ def test_a_grid_resumes_per_cell(tmp_path):
         ("text", "q2"),
     ]
     assert len(read_results(out)) == 2 + 4
+
+
+def test_the_answerer_of_the_reader_graph_never_prefills_the_document():
+    from dataclasses import dataclass, field
+
+    from latent_relay.relay.graph import build_graph
+
+    @dataclass(frozen=True)
+    class LongItem:
+        id: str
+        question: str
+        gold: str
+        raw: dict = field(default_factory=dict, compare=False)
+
+    runtime = _runtime()
+    seen = {}
+    run = runtime.executor.run
+
+    def spy(graph, name, questions, *args, **kwargs):
+        seen[name] = list(questions)
+        return run(graph, name, questions, *args, **kwargs)
+
+    runtime.executor.run = spy
+    items = [LongItem("d0", "lorem ipsum " * 20 + "\n\nWhat is 2+2?", "4", {"query": "What is 2+2?"})]
+    records = runtime.run(build_graph("reader", "latent+h:budget=4", 2), FakeTask(), items, "latent+h:budget=4")
+    assert records[0].error is None and records[0].relay_bytes > 0
+    assert seen == {"reader": [items[0].question], "answerer": ["What is 2+2?"]}

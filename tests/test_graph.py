@@ -66,3 +66,32 @@ def test_mixed_model_latent_edge_and_bad_relay_modes():
         Node(name="bad name!")
     with pytest.raises(GraphError):
         AgentGraph(nodes=[Node(name="a")], latent_steps=-1)
+
+
+def test_the_reader_graph_gives_the_document_to_the_reader_only():
+    from dataclasses import dataclass, field
+
+    from latent_relay.relay.graph import build_graph
+
+    @dataclass
+    class LongItem:
+        question: str
+        raw: dict = field(default_factory=dict)
+
+    g = build_graph("reader", "latent+asl:budget=8", latent_steps=3)
+    reader, answerer = g.node("reader"), g.node("answerer")
+    item = LongItem("DOCUMENT\n\nWhat is the key?", {"query": "What is the key?"})
+    assert (reader.text_of(item), answerer.text_of(item)) == (item.question, "What is the key?")
+    assert answerer.text_of(LongItem("no document here")) == "no document here"  # items without a query
+    assert g.final == "answerer" and g.thinks("reader") == 3 and g.edges[0].relay.startswith("latent+asl:")
+
+
+def test_graph_digests_stay_stable_across_new_node_fields():
+    """Records carry the graph's digest and ``--resume`` matches on it: a field added to nodes later, at its
+    default, must not change the digest of a graph (these are the digests of committed benchmark records)."""
+    from latent_relay.relay.graph import build_graph
+    from latent_relay.relay.runtime.records import graph_digest
+
+    assert graph_digest(build_graph("sequential", "latent", 10)) == "6f1533e8a48aa930"
+    assert graph_digest(build_graph("single")) == "904e94f642338c17"
+    assert graph_digest(build_graph("reader", "latent", 10)) != graph_digest(build_graph("reader", "text", 10))

@@ -97,10 +97,10 @@ class LocalRuntime:
     ) -> dict[str, NodeOutput]:
         """Every node's output for one batch, nodes in topological order, messages handed over in memory; ``memo``
         (a benchmark grid's) shares agent steps with other graphs run on the same batch."""
-        questions = [it.question for it in items]
         inbox: dict[Edge, list[Message]] = {}
         outputs: dict[str, NodeOutput] = {}
         for name in graph.order:
+            questions = [graph.node(name).text_of(it) for it in items]
             out = self.executor.run(graph, name, questions, inbox, task.answer_format, memo=memo)
             inbox.update(out.outgoing)
             outputs[name] = out

@@ -18,8 +18,13 @@ from latent_relay.relay.runtime.node import NodeOutput
 
 def graph_digest(graph: AgentGraph) -> str:
     """SHA-256 (16 hex digits) of everything a graph declares: nodes (roles, prompts, models, latent steps,
-    decoding), edges with their canonical relay modes, and the graph's latent steps."""
-    spec = json.dumps(graph.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    decoding, what they read where it is not the whole question), edges with their canonical relay modes, and the
+    graph's latent steps. A field added later is left out at its default, so that records keep their digest."""
+    dump = graph.model_dump(mode="json")
+    for node in dump["nodes"]:
+        if node.get("reads") == "question":
+            del node["reads"]
+    spec = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 

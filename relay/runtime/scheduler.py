@@ -204,7 +204,7 @@ class Scheduler:
                 packets.append(b.exports[e])
         exports = [e for e in self.graph.outgoing(node) if self.plan[e.target] != self.plan[node]]
         handle = self.hosts[self.plan[node]][b.replica]
-        questions = [it.question for it in b.items]
+        questions = [self.graph.node(node).text_of(it) for it in b.items]
         refs = handle.step.options(num_returns=1 + len(exports)).remote(
             b.key, self.graph, node, questions, self.task.answer_format, inputs, exports, *packets
         )
