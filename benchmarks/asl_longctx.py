@@ -32,6 +32,7 @@ from latent_relay.agents.prefill_pruning import (
 )
 from latent_relay.agents.prompts import agent_message, chat_ids
 from latent_relay.compression.asl import TAU, choose_layer, window_attention_scores
+from latent_relay.relay.stats import wilson_interval
 from latent_relay.tasks.kv_retrieval import KVRetrieval
 from latent_relay.tasks.needle import Needle
 
@@ -71,19 +72,25 @@ def run_item(loaded, task, item, args, record) -> None:
                 print(f"  {task.name} #{item.id} {t} tok {method} {fraction}: {text!r} (gold {item.gold})")
 
 
+def accuracy_cell(outcomes: list[bool]) -> str:
+    """``3/5 [23-88]``: correct of items with the 95% Wilson interval in percent."""
+    low, high = wilson_interval(sum(outcomes), len(outcomes))
+    return f"{sum(outcomes)}/{len(outcomes)} [{100 * low:.0f}-{100 * high:.0f}]"
+
+
 def report(record, args, num_layers: int) -> list[str]:
     pct = [f"{round(100 * f)}%" for f in args.budgets]
     lines = [
         "",
-        "accuracy by KV budget (correct / items)",
-        f"{'task':<14}{'method':<11}" + "".join(f"{p:>8}" for p in pct),
+        "accuracy by KV budget (correct / items [95% Wilson interval, %])",
+        f"{'task':<14}{'method':<11}" + "".join(f"{p:>17}" for p in pct),
     ]
     for task in args.tasks:
         full = record["correct"][(task, "full", None)]
-        lines.append(f"{task:<14}{'full':<11}{f'{sum(full)}/{len(full)}':>8}  (every budget)")
+        lines.append(f"{task:<14}{'full':<11}{accuracy_cell(full):>17}  (every budget)")
         for method in args.methods:
             cells = [record["correct"][(task, method, f)] for f in args.budgets]
-            lines.append(f"{task:<14}{method:<11}" + "".join(f"{f'{sum(c)}/{len(c)}':>8}" for c in cells))
+            lines.append(f"{task:<14}{method:<11}" + "".join(f"{accuracy_cell(c):>17}" for c in cells))
     if "asl" in args.methods:
         lines += ["", f"ASL selection layer L* per item (-1: none; {num_layers} layers, tau {args.tau})"]
         for task in args.tasks:
