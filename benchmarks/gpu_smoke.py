@@ -12,20 +12,21 @@ nothing here: this measures time and bytes only. A random model never stops by i
 every question is exactly ``--prompt-tokens`` tokens, no token id ends a sequence, and every decoding agent decodes
 exactly ``--max-new-tokens`` tokens (text relay: all four agents; latent relay: the judger only).
 
-    python -m latent_relay.benchmarks.gpu_smoke                   # Qwen3-4B shape on cuda, bf16: about 5 minutes
+    python -m latent_relay.benchmarks.gpu_smoke                   # Qwen3-4B shape, cuda, bf16: 3-5 minutes (estimated)
     python -m latent_relay.benchmarks.gpu_smoke --layers 8        # a shallower model, same width
-    python -m latent_relay.benchmarks.gpu_smoke --quick           # tiny model on the CPU, seconds
+    python -m latent_relay.benchmarks.gpu_smoke --quick           # a tiny model, seconds (on a CPU too)
 
-Time of the default run (an estimate, not a measurement): 8 items, 200-token questions, 10 thoughts per agent, 128
-new tokens, warm-up plus 3 repeats of 4 modes. The model has about 4.0e9 parameters (36 layers of 0.10e9 plus the
-tied 0.39e9 embedding), so a token costs about 8 GFLOP. Prefill is negligible: one agent's prompts are about 8 x 230
-tokens = 15 TFLOP, under 0.1 s at a few hundred TFLOP/s. Decoding a batch of 8 is far from FLOP-bound: one forward
-reads the 8 GB of bf16 weights (2.4 ms at the H100's 3.35 TB/s), and transformers' eager decoder launches about a
-thousand small kernels per forward, so a forward takes roughly 25 ms, launch-bound. Text relay decodes 4 x 128
-tokens (about 13 s a batch), latent relay 3 x 10 thoughts plus 128 tokens (about 4 s), each compressed mode about
-as much plus its thoughts' eager attention and three compressed hops (about 5 s): about 27 s a round, 4 rounds
-about 110 s; with building the model, imports and CUDA start-up, about 2-3 minutes, leaving room to the 5 minutes
-if a forward is twice as slow as guessed.
+Time of the default run (an estimate from FLOPs and bytes, not a measurement): 8 items, 200-token questions, 10
+thoughts per agent, 128 new tokens, one warm-up and 3 timed rounds of the 4 modes. The model has about 4.0e9
+parameters (36 layers of 0.10e9 plus the tied 0.39e9 embedding), so a token costs about 8 GFLOP. Prefill is
+negligible: one agent's prompts are about 8 x 230 tokens = 15 TFLOP, well under 0.1 s at a few hundred TFLOP/s.
+Decoding a batch of 8 is far from FLOP-bound: a forward reads the 8 GB of bf16 weights (2.4 ms at the H100's
+3.35 TB/s; a soft thought also reads the 1.6 GB fp32 copy of the embedding), but transformers' eager decoder
+launches some 50 small kernels per layer, about 1,800 per forward, so a forward takes roughly 25-30 ms, bound by
+launches. Text relay runs 4 x 128 forwards (about 14 s a round), latent relay 30 thoughts plus 128 tokens (about
+5 s), each compressed mode about as much plus its thoughts' eager attention and three compressed hops (about 6 s):
+about 30 s a round, 2 minutes for 4 rounds, about 3 minutes with imports, CUDA start-up and building the model;
+5 minutes if a forward is twice as slow as guessed.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def run_mode(runtime: LocalRuntime, task, items: list[Item], mode: str, latent_s
 def table(runs: dict[str, ModeRun]) -> list[str]:
     text_s = statistics.median(runs["text"].seconds)
     latent_bytes = runs["latent"].relay_bytes
+    w = max(len(mode) for mode in runs)
     head = (
-        f"{'mode':<32} {'s/problem':>10} {'min-max':>15} {'vs text':>8} {'out tok':>8} {'relay bytes':>12} "
+        f"{'mode':<{w}} {'s/problem':>10} {'min-max':>15} {'vs text':>8} {'out tok':>8} {'relay bytes':>12} "
         f"{'/ latent':>9} {'compress s':>11} {'share':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -185,7 +187,7 @@ def table(runs: dict[str, ModeRun]) -> list[str]:
             c = statistics.median(run.compress_seconds)
             comp = f"{c:>11.4f} {c / s:>7.1%}"
         lines.append(
-            f"{mode:<32} {s:>10.3f} {spread:>15} {text_s / s:>7.2f}x {run.tokens:>8.0f} {run.relay_bytes:>12,.0f} "
+            f"{mode:<{w}} {s:>10.3f} {spread:>15} {text_s / s:>7.2f}x {run.tokens:>8.0f} {run.relay_bytes:>12,.0f} "
             f"{run.relay_bytes / latent_bytes:>9.3f} {comp}"
         )
     return lines
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--device {args.device}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: torch sees no CUDA device here (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
     if device.type not in ("cuda", "cpu"):
         fail(f"--device {args.device}: use cuda or cpu")
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -411,3 +411,17 @@ def test_bench_runs_a_grid_resumes_it_and_writes_its_report(cli, capsys, monkeyp
     assert code == 0, err
     assert len(out.read_text().splitlines()) == len(records)  # nothing ran twice
     assert (tmp_path / "again" / "report.md").read_text() == report
+
+
+def test_bench_on_ray_runs_each_cell_as_compare_would(cli, capsys, monkeypatch, tmp_path):
+    """With --runtime ray the grid has one setting and every cell runs through the runtime's own ``run`` (the
+    runtime is a local stand-in here: the Ray runtime's tests cover the cluster itself)."""
+    _tiny_runtimes(cli, monkeypatch)
+    out = tmp_path / "bench.jsonl"
+    argv = (*BENCH, "--latent-steps", "1", "--out", str(out), "--no-plots", "--runtime", "ray")
+    code, stdout, err = _main(cli, capsys, *argv, "--method", "single", "--method", "latent")
+    assert code == 0, err
+    assert sorted(json.loads(line)["relay"] for line in out.read_text().splitlines()) == ["latent"] * 3 + ["single"] * 3
+    code, _, err = _main(cli, capsys, *argv, "--method", "single", "--method", "latent", "--resume")
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 6
