@@ -54,7 +54,11 @@ def settings_label(settings: dict) -> str:
             "greedy" if decoding.get("greedy", True) else sampled,
             f"budget {decoding.get('max_new_tokens', '?')}",
         ]
+        + ([f"final agent sees {VIEW_NAMES.get(view, view)}"] if (view := settings.get("final_view")) else [])
     )
+
+
+VIEW_NAMES = {"thoughts": "thoughts only", "last": "the last sender only"}
 
 
 def groups(records: Sequence[ItemResult]) -> list[Group]:

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=V1,V2",
         help="vary a setting over values (the grid is their product): latent_steps, latent_input "
-        "(soft|hidden|realign), soft_temperature, decoding (greedy|sample), temperature, seed, max_new_tokens",
+        "(soft|hidden|realign), soft_temperature, decoding (greedy|sample), temperature, seed, max_new_tokens, "
+        "final_view (all|thoughts|last: what the final agent sees of its memory)",
     )
     bench.add_argument(
         "--report", default=None, help="folder for report.md and the plots (default: --out's name + '-report')"

@@ -68,7 +68,9 @@ class Node(_Strict):
     ``reads``: what of a task item the agent is given. ``question`` (the default) is the whole item; ``query`` is
     only its query, without the document a long-context item carries (``item.raw["query"]``; an item without one
     gives its question), so that one agent can read a long document and relay its memory to agents that never
-    prefill the document themselves."""
+    prefill the document themselves. ``sees``: what of the received working memory the agent attends to
+    (:data:`latent_relay.relay.memory.MEMORY_VIEWS`): ``all``, ``thoughts`` (the sink and the latent thoughts:
+    LatentMAS's ``latent_only``) or ``last`` (the sink and the last sender's tokens: ``sequential_info_only``)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     role: str | None = None
@@ -77,6 +79,7 @@ class Node(_Strict):
     decoding: DecodeConfig | None = None
     model: str | None = None
     reads: Literal["question", "query"] = "question"
+    sees: Literal["all", "thoughts", "last"] = "all"
 
     @property
     def role_name(self) -> str:
@@ -230,6 +233,12 @@ class AgentGraph(_Strict):
 
     def decodes(self, name: str) -> bool:
         return name == self.final or any(not e.is_latent for e in self.outgoing(name))
+
+    def with_final_view(self, sees: str) -> AgentGraph:
+        """The same graph with the final node seeing ``sees`` of its received memory (``all``, ``thoughts``,
+        ``last``)."""
+        nodes = [n.model_copy(update={"sees": sees}) if n.name == self.final else n for n in self.nodes]
+        return AgentGraph(name=self.name, nodes=nodes, edges=self.edges, latent_steps=self.latent_steps)
 
     def with_relay(self, relay: str) -> AgentGraph:
         """The same graph with every edge's relay mode replaced (``text``, ``latent``, ``latent+<recipe>``)."""

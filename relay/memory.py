@@ -268,6 +268,23 @@ class KVState(MemoryShape):
             position=pos,
         )
 
+    def keep_slots(self, keep: torch.Tensor) -> KVState:
+        """Only the slots where ``keep`` (bool ``[B, T]``) holds: the others become padding (keys and values
+        zeroed, masked by every query), then slots that are padding in every item are dropped. Positions of the
+        kept tokens are unchanged."""
+        keep = keep.to(self.device) & self.valid
+        drop = ~keep
+        if not bool(drop.any()):
+            return self
+        zero = drop[:, None, :, None]
+        return replace(
+            self,
+            keys=[k.masked_fill(zero, 0) for k in self.keys],
+            values=[v.masked_fill(zero, 0) for v in self.values],
+            segment=self.segment.masked_fill(drop, int(Segment.PAD)),
+            agent=self.agent.masked_fill(drop, -1),
+        ).compact()
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> KVState:
         return replace(
             self,
@@ -277,6 +294,27 @@ class KVState(MemoryShape):
             agent=self.agent.to(device),
             position=self.position.to(device),
         )
+
+
+#: What an agent sees of the memory it receives: everything; the attention sink and the latent thoughts only
+#: (LatentMAS's ``latent_only``: the earlier agents' prompts dropped); or the sink and the tokens of the agent that
+#: sent last (LatentMAS's ``sequential_info_only``: only the previous agent's information).
+MEMORY_VIEWS = ("all", "thoughts", "last")
+
+
+def memory_view(memory: KVState, view: str, last_sender: str | None = None) -> KVState:
+    """``memory`` as an agent with ``view`` (:data:`MEMORY_VIEWS`) sees it; ``last_sender`` names the agent whose
+    tokens ``last`` keeps (LatentMAS, arXiv 2511.20639, offers these views of the final agent's memory)."""
+    if view == "all":
+        return memory
+    sink = memory.segment == Segment.SINK
+    if view == "thoughts":
+        return memory.keep_slots(sink | (memory.segment == Segment.THOUGHT))
+    if view == "last":
+        if last_sender not in memory.agents:
+            return memory.keep_slots(sink)
+        return memory.keep_slots(sink | (memory.agent.long() == memory.agents.index(last_sender)))
+    raise MemoryError_(f"unknown memory view {view!r}; use one of {', '.join(MEMORY_VIEWS)}")
 
 
 def check_compatible(a: KVState, b: KVState) -> None:

@@ -153,3 +153,27 @@ def test_the_answerer_of_the_reader_graph_never_prefills_the_document():
     records = runtime.run(build_graph("reader", "latent+h:budget=4", 2), FakeTask(), items, "latent+h:budget=4")
     assert records[0].error is None and records[0].relay_bytes > 0
     assert seen == {"reader": [items[0].question], "answerer": ["What is 2+2?"]}
+
+
+def test_final_views_share_the_upstream_agents_and_say_so_in_their_settings():
+    """``final_view`` changes only what the judger attends to: the three upstream agents run once for all views,
+    and the judger on the thoughts-only view prefills on fewer memory tokens than on the whole memory."""
+    runtime = _runtime()
+    prefixes = []
+    step = runtime.executor.runner.step
+
+    def spy(memories, prompts, agent, **kwargs):
+        if agent == "judger":
+            prefixes.append([int(m.valid_tokens().sum()) for m in memories])
+        return step(memories, prompts, agent, **kwargs)
+
+    runtime.executor.runner.step = spy
+    grid, varied = parse_settings(["final_view=all,thoughts,last", "latent_steps=2", "max_new_tokens=4"])
+    cells = grid_cells(FakeTask(), ["sequential"], ["latent"], grid)
+    records, memo = run_grid(runtime, cells, ITEMS[:2], batch_size=2)
+    assert varied == ["final_view"] and (memo.hits, memo.misses) == (6, 6)
+    assert [r.settings.get("final_view") for r in records] == [None, None, "thoughts", "thoughts", "last", "last"]
+    whole, thoughts, last = prefixes
+    assert all(t < w for t, w in zip(thoughts, whole)) and all(x < w for x, w in zip(last, whole))
+    assert all(t == 4 + 3 * 2 for t in thoughts)  # the 4 sink tokens and 2 thoughts of each of the 3 agents
+    assert len({r.relay_bytes for r in records if r.item_id == "q0"}) == 1  # what was sent is the same

@@ -196,3 +196,48 @@ def test_split_items_into_allocated_tensors_is_the_same_and_drops_padding(per_he
     assert [p.attention.shape[-1] for p in parts] == [5, 6] and parts[0].group_size == 2
     assert torch.equal(parts[0].attention, attention[:1][..., keep])
     assert split_observation(None, memory) is None
+
+
+def _tagged_memory() -> KVState:
+    """Two items: sink, a's prompt and thoughts, then b's prompt and thoughts (item 1 has a padded first slot)."""
+    seg = torch.tensor(
+        [
+            [Segment.SINK, Segment.PROMPT, Segment.THOUGHT, Segment.PROMPT, Segment.PROMPT, Segment.THOUGHT],
+            [Segment.PAD, Segment.SINK, Segment.THOUGHT, Segment.PROMPT, Segment.THOUGHT, Segment.THOUGHT],
+        ],
+        dtype=torch.int8,
+    )
+    agent = torch.tensor([[0, 0, 0, 1, 1, 1], [-1, 0, 0, 1, 1, 1]], dtype=torch.int16)
+    keys = [torch.arange(2 * 2 * 6 * 4, dtype=torch.float32).reshape(2, 2, 6, 4) + 1 for _ in range(2)]
+    values = [k * 10 for k in keys]
+    position = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 4]])
+    return KVState(keys, values, seg, agent, position, agents=["a", "b"], fingerprint="fp")
+
+
+def _tokens(memory: KVState, b: int) -> list[tuple[int, int, float]]:
+    """Item ``b``'s real slots as (segment, position, first key value)."""
+    valid = memory.valid[b]
+    return [
+        (int(s), int(p), float(k))
+        for s, p, k in zip(memory.segment[b][valid], memory.position[b][valid], memory.keys[0][b, 0, valid, 0])
+    ]
+
+
+def test_memory_views_keep_sink_and_thoughts_or_the_last_sender_at_their_positions():
+    from latent_relay.relay.memory import memory_view
+
+    memory = _tagged_memory()
+    full = {b: _tokens(memory, b) for b in (0, 1)}
+    assert memory_view(memory, "all") is memory
+    thoughts = memory_view(memory, "thoughts")
+    keep = {int(Segment.SINK), int(Segment.THOUGHT)}
+    for b in (0, 1):
+        assert _tokens(thoughts, b) == [t for t in full[b] if t[0] in keep]
+    assert thoughts.num_tokens == 5  # one slot is padding in both items now, and dropped
+    assert thoughts.next_position().tolist() == memory.next_position().tolist()
+    last = memory_view(memory, "last", "b")
+    assert _tokens(last, 0) == [full[0][0], *full[0][3:]] and _tokens(last, 1) == [full[1][0], *full[1][2:]]
+    assert not bool(last.keys[0][~last.valid[:, None, :, None].expand_as(last.keys[0])].any())  # padding is zero
+    assert _tokens(memory_view(memory, "last", "nobody"), 0) == [full[0][0]]
+    with pytest.raises(MemoryError_, match="unknown memory view"):
+        memory_view(memory, "everything")

@@ -1,8 +1,10 @@
 """A benchmark grid: relay methods x tasks x graphs x settings, run on the same item ids, sharing common work.
 
 Settings are parameters of the runtime, never forks of a method: latent thoughts per agent, how a thought's hidden
-state becomes the next input (soft tokens at a temperature, norm-rescaled, ridge realignment), and decoding
-(greedy, or sampled at a temperature with a seed). ``--set name=v1,v2`` lists values; the grid is their product.
+state becomes the next input (soft tokens at a temperature, norm-rescaled, ridge realignment), what the final agent
+sees of its memory (all of it; the thoughts only; the last sender only: LatentMAS's ``latent_only`` and
+``sequential_info_only``), and decoding (greedy, or sampled at a temperature with a seed). ``--set name=v1,v2``
+lists values; the grid is their product.
 
 The grid runs batch by batch: every cell (method, graph, setting) runs the same batch of items before the next
 batch starts, through one :class:`~latent_relay.relay.runtime.step_memo.StepMemo`, so an agent step two cells
@@ -23,6 +25,7 @@ from typing import Any
 from latent_relay.agents.latent import LatentInput
 from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph, build_graph
+from latent_relay.relay.memory import MEMORY_VIEWS
 from latent_relay.relay.results import ItemResult, ResultWriter, run_key
 from latent_relay.relay.runtime.local import LocalRuntime, batches
 from latent_relay.relay.runtime.records import RecordBuilder
@@ -46,6 +49,7 @@ class Setting:
     temperature: float = 0.7  # of sampled decoding
     seed: int = 0
     max_new_tokens: int = 512
+    final_view: str = "all"  # all | thoughts | last: what the final agent sees of its memory
 
     def latent(self, like: LatentInput | None = None) -> LatentInput:
         like = like or LatentInput()
@@ -73,8 +77,13 @@ SETTING_TYPES: dict[str, Callable[[str], Any]] = {
     "temperature": float,
     "seed": int,
     "max_new_tokens": int,
+    "final_view": str,
 }
-_CHOICES = {"latent_input": ("soft", "hidden", "realign"), "decoding": ("greedy", "sample")}
+_CHOICES = {
+    "latent_input": ("soft", "hidden", "realign"),
+    "decoding": ("greedy", "sample"),
+    "final_view": MEMORY_VIEWS,
+}
 _RANGES = {"latent_steps": (0, 4096), "max_new_tokens": (1, 32768)}
 
 
@@ -141,6 +150,8 @@ def grid_cells(task, graphs: Sequence[str], methods: Sequence[str], settings: Se
                         continue
                     decodings.append(setting.decode())
                 graph = build_graph(graph_name if method != "single" else "single", method, setting.latent_steps)
+                if method != "single" and setting.final_view != "all":
+                    graph = graph.with_final_view(setting.final_view)
                 cells.append(Cell(task, method, setting, graph))
     return cells
 
@@ -214,7 +225,9 @@ def run_grid(
 def _use(executor, setting: Setting, latents: dict[Setting, LatentInput], base: LatentInput) -> None:
     """Make ``setting`` the executor's: its latent input (one object per setting, sharing the fp32 embedding) and
     its default decoding."""
-    key = replace(setting, decoding="greedy", temperature=0.0, seed=0, max_new_tokens=1)  # the latent part only
+    key = replace(
+        setting, decoding="greedy", temperature=1.0, seed=0, max_new_tokens=1, final_view="all"
+    )  # latent part
     if key not in latents:
         latents[key] = setting.latent(executor.runner.latent if latents else base)
     executor.runner.latent = latents[key]

@@ -21,7 +21,7 @@ from latent_relay.compression.recipes import compress_batch
 from latent_relay.relay import wire
 from latent_relay.relay.decode_config import DecodeConfig
 from latent_relay.relay.graph import AgentGraph, Edge
-from latent_relay.relay.memory import concat_memories
+from latent_relay.relay.memory import concat_memories, memory_view
 from latent_relay.relay.messages import LatentMessage, TextMessage
 from latent_relay.relay.runtime.step_memo import StepMemo
 from latent_relay.tasks.stops import answer_stop_for
@@ -103,7 +103,11 @@ class NodeExecutor:
         for question, messages in zip(questions, received):
             latent = [unpack(m) for m in messages if isinstance(m, LatentMessage)]
             texts = [(m.sender, m.texts[0]) for m in messages if isinstance(m, TextMessage)]
-            memories.append(concat_memories(latent) if latent else None)
+            memory = concat_memories(latent) if latent else None
+            if memory is not None and node.sees != "all":
+                last = [m.sender for m in messages if isinstance(m, LatentMessage)][-1]
+                memory = memory_view(memory, node.sees, last)
+            memories.append(memory)
             message = agent_message(
                 node.role_name,
                 question,

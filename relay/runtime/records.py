@@ -15,6 +15,9 @@ from latent_relay.relay.graph import AgentGraph
 from latent_relay.relay.results import ItemResult
 from latent_relay.relay.runtime.node import NodeOutput
 
+#: Node fields added after records were first published, with their defaults: left out of the digest at the default.
+LATER_NODE_FIELDS = {"reads": "question", "sees": "all"}
+
 
 def graph_digest(graph: AgentGraph) -> str:
     """SHA-256 (16 hex digits) of everything a graph declares: nodes (roles, prompts, models, latent steps,
@@ -22,21 +25,27 @@ def graph_digest(graph: AgentGraph) -> str:
     graph's latent steps. A field added later is left out at its default, so that records keep their digest."""
     dump = graph.model_dump(mode="json")
     for node in dump["nodes"]:
-        if node.get("reads") == "question":
-            del node["reads"]
+        for name, default in LATER_NODE_FIELDS.items():
+            if node.get(name) == default:
+                del node[name]
     spec = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 def run_settings(graph: AgentGraph, latent: LatentInput | None, decode: DecodeConfig | None) -> dict[str, Any]:
     """A run's settings as a record carries them: the graph's latent steps, how a thought's hidden state becomes
-    the next input, and the decoding of nodes without their own (``None`` stands for the defaults)."""
+    the next input, the decoding of nodes without their own (``None`` stands for the defaults), and what the final
+    agent sees of its memory where that is not all of it."""
     latent = latent or LatentInput()
-    return {
+    settings = {
         "latent_steps": graph.latent_steps,
         "latent_input": {"mode": latent.mode, "temperature": latent.temperature, "ridge": latent.ridge},
         "decoding": (decode or DecodeConfig()).model_dump(mode="json"),
     }
+    final_view = graph.node(graph.final).sees
+    if final_view != "all":  # only where set, so that earlier records keep their settings
+        settings["final_view"] = final_view
+    return settings
 
 
 @dataclass(frozen=True)
