@@ -3,8 +3,8 @@
 Locally the grid shares the agent steps its cells have in common (:mod:`latent_relay.relay.runtime.bench_grid`); on Ray
 (one setting only: each setting would be a runtime of its own) each cell runs as ``relay compare`` would run it.
 Every record is appended to ``--out`` as its batch ends, and ``--resume`` picks a grid up where it stopped. The
-report (``report.md`` and PNG plots, :mod:`latent_relay.relay.bench_report`) is written at the end, also after an
-interrupted or partly failed run, from every record of the grid's cells in ``--out``.
+report (``report.md`` and PNG plots, :mod:`latent_relay.relay.bench_report`) is written at the end from every record
+of the grid's cells in ``--out`` (those of earlier runs resumed included), also after Ctrl-C (exit status 130).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ def bench(args) -> int:
     from latent_relay.relay.results import ResultWriter, read_results, run_key
     from latent_relay.relay.runtime.bench_grid import (
         GridError,
-        GridProgress,
         Setting,
         grid_cells,
         parse_settings,
@@ -63,6 +62,7 @@ def bench(args) -> int:
         file=sys.stderr,
     )
     keys, ids = set(), {}
+    interrupted = False
     with ResultWriter(args.out) as writer:
         runtime = runtime_for(args)
         try:
@@ -76,53 +76,54 @@ def bench(args) -> int:
                         done = writer.done(key, retry_errors=not args.no_retry_errors) if args.resume else set()
                         todo = [it for it in items if str(it.id) not in done]
                         run_mode(runtime, cell.graph, task, todo, cell.method, args, writer)
-                    continue
-                started = time.perf_counter()
-
-                def progress(p: GridProgress, name=task.name, started=started) -> None:
-                    if args.quiet:
-                        return
-                    scores = " . ".join(
-                        f"{c.method}{f' [{c.setting.label(varied)}]' if varied else ''} {c.correct}/{c.done}"
-                        for c in p.cells
-                        if c.done
-                    )
-                    left = p.elapsed / p.batch * (p.batches - p.batch)
-                    shared = (
-                        f"; {p.memo.hits} shared steps saved {_minutes(p.memo.saved_seconds)}" if p.memo.hits else ""
-                    )
-                    print(
-                        f"[bench {name}] batch {p.batch}/{p.batches}: {scores or 'all resumed'} | "
-                        f"{_minutes(p.elapsed)}, ~{_minutes(left)} left{shared}",
-                        file=sys.stderr,
-                    )
-
-                _, memo = run_grid(
-                    runtime,
-                    cells[task.name],
-                    items,
-                    batch_size=args.batch_size,
-                    writer=writer,
-                    resume=args.resume,
-                    retry_errors=not args.no_retry_errors,
-                    on_batch=progress,
-                )
-                keys |= {run_key(c.records.template()) for c in cells[task.name]}
-                print(
-                    f"[bench {task.name}] done in {_minutes(time.perf_counter() - started)}; {memo.misses} agent "
-                    f"steps computed, {memo.hits} shared ({_minutes(memo.saved_seconds)} saved)",
-                    file=sys.stderr,
-                )
+                else:
+                    _run_task(runtime, task, cells[task.name], items, writer, varied, args, run_grid)
+                    keys |= {run_key(c.records.template()) for c in cells[task.name]}
+        except KeyboardInterrupt:
+            interrupted = True
+            keys |= {run_key(c.records.template()) for cs in cells.values() for c in cs if c.records is not None}
+            print("interrupted: the report covers the records written so far (--resume continues)", file=sys.stderr)
         finally:
             close = getattr(runtime, "close", None)
             if close is not None:
                 close()
-    ids = {
-        t.name: {str(it.id) for it in t.load(args.offset + args.n, data_dir=args.data_dir)[args.offset :]}
-        for t in task_objects
-    }
     records = [r for r in read_results(args.out) if run_key(r) in keys and r.item_id in ids.get(r.task, ())]
-    return _write_report(records, args, markdown_report, write_plots)
+    status = _write_report(records, args, markdown_report, write_plots) if records else 0
+    return 130 if interrupted else status
+
+
+def _run_task(runtime, task, cells, items, writer, varied, args, run_grid) -> None:
+    """One task's cells through the local grid, with a progress line per batch."""
+    started = time.perf_counter()
+
+    def progress(p) -> None:
+        if args.quiet:
+            return
+        label = lambda c: c.method + (f" [{c.setting.label(varied)}]" if varied else "")  # noqa: E731
+        scores = " . ".join(f"{label(c)} {c.correct}/{c.done}" for c in p.cells if c.done)
+        left = p.elapsed / p.batch * (p.batches - p.batch)
+        shared = f"; {p.memo.hits} shared steps saved {_minutes(p.memo.saved_seconds)}" if p.memo.hits else ""
+        print(
+            f"[bench {task.name}] batch {p.batch}/{p.batches}: {scores or 'all resumed'} | "
+            f"{_minutes(p.elapsed)}, ~{_minutes(left)} left{shared}",
+            file=sys.stderr,
+        )
+
+    _, memo = run_grid(
+        runtime,
+        cells,
+        items,
+        batch_size=args.batch_size,
+        writer=writer,
+        resume=args.resume,
+        retry_errors=not args.no_retry_errors,
+        on_batch=progress,
+    )
+    print(
+        f"[bench {task.name}] done in {_minutes(time.perf_counter() - started)}; {memo.misses} agent steps computed, "
+        f"{memo.hits} shared ({_minutes(memo.saved_seconds)} saved)",
+        file=sys.stderr,
+    )
 
 
 def _write_report(records, args, markdown_report, write_plots) -> int:

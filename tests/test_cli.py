@@ -425,3 +425,23 @@ def test_bench_on_ray_runs_each_cell_as_compare_would(cli, capsys, monkeypatch, 
     code, _, err = _main(cli, capsys, *argv, "--method", "single", "--method", "latent", "--resume")
     assert code == 0, err
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_bench_interrupted_writes_the_report_of_what_it_has(cli, capsys, monkeypatch, tmp_path):
+    """Ctrl-C during the grid: exit 130, the records of finished batches are kept and the report covers them."""
+    _tiny_runtimes(cli, monkeypatch)
+    from latent_relay.relay.runtime import bench_grid
+
+    real = bench_grid.run_grid
+
+    def interrupted(runtime, cells, items, **kwargs):
+        real(runtime, cells, items[:2], **kwargs)  # the first batch finishes, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_grid, "run_grid", interrupted)
+    out = tmp_path / "bench.jsonl"
+    argv = (*BENCH, "--latent-steps", "1", "--batch-size", "2", "--out", str(out), "--no-plots", "--method", "latent")
+    code, stdout, err = _main(cli, capsys, *argv)
+    assert code == 130 and "interrupted" in err
+    assert len(out.read_text().splitlines()) == 2
+    assert "| latent | " in (tmp_path / "bench-report" / "report.md").read_text() and "2 items" in stdout
