@@ -29,6 +29,7 @@ import torch
 
 from latent_relay.compression.backfill_solvers import householder_basis, solve_exact, solve_gram
 from latent_relay.compression.selectors import Gathered, Selection, gather_tokens
+from latent_relay.kernels.dispatch import backfill_shift, inject_rows
 from latent_relay.relay.memory import KVState
 
 Solver = Literal["exact", "subspace", "eigh"]
@@ -145,13 +146,6 @@ def injection_scale(a_d: torch.Tensor, a_s: torch.Tensor, cfg: BackfillConfig) -
     raise ValueError(f"unknown OBF scale mode {cfg.scale!r}")
 
 
-def _restrict(r: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    """``delta = (r C^T) C`` for ``r`` ``[N, d]``, ``C`` ``[N, p, d]``; ``C = None`` keeps every component."""
-    if c is None:
-        return r
-    return torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", r, c), c)
-
-
 # ---------------------------------------------------------------------------------------------- public
 def orthogonal_backfill(
     memory: KVState, selection: Selection, scores: torch.Tensor, config: BackfillConfig
@@ -193,14 +187,13 @@ def orthogonal_backfill(
     else:
         r, c, r_norm, y_norm = solve_gram(memory.values, x, kept_n, evict, w_hat, selection.prompt, config)
 
-    delta = _restrict(r, c)
-    if c is not None:  # at most p evicted rows: C spans the whole row space of R, so delta = r exactly
-        delta = torch.where((n_evict.reshape(-1) <= config.rank)[:, None], r, delta)
+    # at most p evicted rows: C spans the whole row space of R, so delta = r exactly
+    full = None if c is None else n_evict.reshape(-1) <= config.rank
     a_d = torch.where(evict, scores, torch.zeros_like(scores)).sum(-1).reshape(-1)
     a_s = w_kept.sum(-1)
     alpha = injection_scale(a_d, a_s, config)
     applied = (n_evict.reshape(-1) > 0) & (y_norm > 0) & (r_norm > config.residual_tol * y_norm)
-    shift = torch.where(applied[:, None], alpha[:, None] * delta, torch.zeros_like(delta))
+    shift = backfill_shift(r, c, alpha, applied, full)  # applied ? alpha * (r C^T) C : 0
     if config.inject == "attention":
         rel = w_kept * kept_n[:, None].to(w_kept.dtype) / a_s.clamp_min(torch.finfo(a_s.dtype).tiny)[:, None]
         token_scale = torch.where(a_s[:, None] > 0, rel, torch.ones_like(rel)) * kept_valid
@@ -218,25 +211,17 @@ def orthogonal_backfill(
 def apply_backfill(gathered: Gathered, result: BackfillResult, inplace: bool = False) -> KVState:
     """Add the shifts to the kept prompt values of the evicted memory; every other element is left bit-identical.
 
-    Only the kept prompt rows are read and written (a row gather and an ``index_copy_`` per layer). With
+    Only the kept prompt rows are read and written (:func:`latent_relay.kernels.dispatch.inject_rows`: a Triton
+    kernel on CUDA tensors, else a row gather and an ``index_copy_`` per layer). With
     ``inplace=True`` the values of ``gathered.memory`` (which eviction created) are edited instead of copied.
     """
     mem = gathered.memory
     slots, valid = gathered.prompt_slots, gathered.prompt_slots_valid
-    b, k = slots.shape
-    if k == 0 or not bool(valid.any()):
+    if slots.shape[1] == 0 or not bool(valid.any()):
         return mem
-    t_out, h, d = mem.num_tokens, mem.num_kv_heads, mem.head_dim
-    flat = (slots[:, None, :] + (torch.arange(b * h, device=slots.device) * t_out).view(b, h, 1)).reshape(-1)
-    real = None if bool(valid.all()) else valid[:, None, :].expand(b, h, k).reshape(-1).nonzero().squeeze(1)
-    if real is not None:
-        flat = flat[real]
-    values = []
-    for i, v in enumerate(mem.values):
-        rows = gather_tokens(v, slots[:, None, :])  # [B, H, k, d]
-        add = result.shift[i][:, :, None, :] * result.token_scale[i][..., None]
-        new = (rows.float() + add).to(v.dtype).view(-1, d)
-        out = v if inplace else v.clone()
-        out.view(b * h * t_out, d).index_copy_(0, flat, new if real is None else new.index_select(0, real))
-        values.append(out)
+    padded = torch.where(valid, slots, torch.full_like(slots, -1))[:, None, :]  # [B, 1, k], -1: no kept token
+    values = [
+        inject_rows(v if inplace else v.clone(), padded, result.shift[i], result.token_scale[i])
+        for i, v in enumerate(mem.values)
+    ]
     return replace(mem, values=values)

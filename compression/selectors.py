@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from latent_relay.compression.asl import TAU, check_tau, choose_layer
+from latent_relay.kernels import dispatch
 from latent_relay.relay.memory import KVState, Segment, TensorAllocator
 from latent_relay.relay.observation import Observation
 from latent_relay.relay.wire.frames import MemoryDims, allocate_frames, memory_frames, uniform
@@ -184,18 +185,11 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None
     """``x[b, h, index[b, h, j]]`` for ``x`` ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]``: ``[B, H, J, d]``
     (written into ``out``, contiguous, when given).
 
-    One ``index_select`` of whole ``d``-rows on the flattened tensor (much faster on CPU than an elementwise
+    :func:`latent_relay.kernels.dispatch.gather_tokens`: a Triton kernel on CUDA tensors; elsewhere one
+    ``index_select`` of whole ``d``-rows on the flattened tensor (much faster on CPU than an elementwise
     ``torch.gather`` with an index expanded along ``d``).
     """
-    b, h, t, d = x.shape
-    j = index.shape[-1]
-    base = (torch.arange(b * h, device=x.device) * t).view(b, h, 1)
-    flat = (index.expand(b, h, j) + base).reshape(-1)
-    rows = x.reshape(b * h * t, d)
-    if out is None:
-        return rows.index_select(0, flat).view(b, h, j, d)
-    torch.index_select(rows, 0, flat, out=out.view(b * h * j, d))
-    return out
+    return dispatch.gather_tokens(x, index, out)
 
 
 def gather_selection(memory: KVState, selection: Selection, allocate: TensorAllocator | None = None) -> Gathered:

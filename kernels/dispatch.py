@@ -1,5 +1,10 @@
 """Device dispatch for the kernels: Triton on CUDA tensors, the torch reference twin elsewhere.
 
+The kernels: KIVI quantize + pack and its inverse (:mod:`latent_relay.kernels.triton_quant`), the gather of surviving
+tokens (:mod:`latent_relay.kernels.triton_gather`) and Orthogonal Backfill's matrix-shaped steps -- the weighted
+residual mean, the projection onto the principal directions and the injection into the kept values
+(:mod:`latent_relay.kernels.triton_backfill`); their twins are in :mod:`latent_relay.kernels.reference`.
+
 ``backend`` (argument) or the ``RELAY_KERNELS`` environment variable picks the path: ``"auto"`` (default),
 ``"triton"`` (force the Triton kernels, e.g. on CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (also
 skips the compiled CPU kernels of :mod:`latent_relay.kernels.obf`).
@@ -97,3 +102,110 @@ def unpack_dequantize(
 
         return unpack_dequantize_triton(packed, scale, zero, bits, n, dtype)
     return reference.unpack_dequantize_ref(packed, scale, zero, bits, n, dtype)
+
+
+# ------------------------------------------------------------------------------------------- the relay boundary
+def _check_layer(x: torch.Tensor, what: str) -> tuple[int, int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"expected {what} [B, H, T, d], got shape {tuple(x.shape)}")
+    b, h, t, d = x.shape
+    return b, h, t, d
+
+
+def _check_index(index: torch.Tensor, b: int, h: int, what: str) -> None:
+    if index.dim() != 3 or index.shape[0] != b or index.shape[1] not in (1, h):
+        raise ValueError(f"{what} must be [B, H or 1, J] with B={b}, H={h}, got shape {tuple(index.shape)}")
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer token indices, not {index.dtype}")
+
+
+def gather_tokens(
+    x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
+    """Gather of surviving tokens: ``x[b, h, index[b, h, j]]`` ``[B, H, J, d]`` for one layer's keys or values ``x``
+    ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]`` (negative: padding, a zero row); written into ``out`` when
+    given (see :func:`latent_relay.kernels.reference.gather_tokens_ref`, which is what runs on CPU)."""
+    b, h, _, d = _check_layer(x, "keys or values")
+    _check_index(index, b, h, "index")
+    if out is not None and (out.shape != (b, h, index.shape[-1], d) or out.dtype != x.dtype):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not fit the gathered rows of {x.dtype}")
+    if choose_backend(x, backend) == "triton":
+        from latent_relay.kernels.triton_gather import gather_tokens_triton
+
+        return gather_tokens_triton(x, index, out)
+    return reference.gather_tokens_ref(x, index, out)
+
+
+def residual_mean(
+    v: torch.Tensor,
+    evict: torch.Tensor,
+    w: torch.Tensor,
+    qt: torch.Tensor | None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthogonal Backfill's residual of the evicted values ``Y`` against the kept span and its weighted mean, per
+    (item, head) of one layer: ``(r = w^T R [B*H, d], ||R||_F^2 [B*H], ||Y||_F^2 [B*H])`` with
+    ``R = Y - (Y Q^T) Q`` (see :func:`latent_relay.kernels.reference.residual_mean_ref`)."""
+    b, h, t, d = _check_layer(v, "values")
+    if evict.shape != (b, h, t) or w.shape != (b, h, t):
+        raise ValueError(f"evict {tuple(evict.shape)} and w {tuple(w.shape)} must both be {(b, h, t)}")
+    if qt is not None and (qt.dim() != 3 or qt.shape[0] != b * h or qt.shape[2] != d):
+        raise ValueError(f"qt must be [B*H, k, d] = [{b * h}, k, {d}], got shape {tuple(qt.shape)}")
+    if choose_backend(v, backend) == "triton":
+        from latent_relay.kernels.triton_backfill import residual_mean_triton
+
+        return residual_mean_triton(v, evict.bool(), w, qt)
+    return reference.residual_mean_ref(v, evict.bool(), w, qt)
+
+
+def backfill_shift(
+    r: torch.Tensor,
+    c: torch.Tensor | None,
+    alpha: torch.Tensor,
+    applied: torch.Tensor,
+    full: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Orthogonal Backfill's projection onto the principal residual directions, scaled:
+    ``applied ? alpha * (r C^T) C : 0`` ``[N, d]`` (see :func:`latent_relay.kernels.reference.backfill_shift_ref`)."""
+    if r.dim() != 2:
+        raise ValueError(f"expected r [N, d], got shape {tuple(r.shape)}")
+    n, d = r.shape
+    if c is not None and (c.dim() != 3 or c.shape[0] != n or c.shape[2] != d):
+        raise ValueError(f"C must be [N, p, d] = [{n}, p, {d}], got shape {tuple(c.shape)}")
+    for name, t in (("alpha", alpha), ("applied", applied), ("full", full)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{name} must be [N] = [{n}], got shape {tuple(t.shape)}")
+    if choose_backend(r, backend) == "triton":
+        from latent_relay.kernels.triton_backfill import backfill_shift_triton
+
+        return backfill_shift_triton(r, c, alpha, applied.bool(), None if full is None else full.bool())
+    return reference.backfill_shift_ref(r, c, alpha, applied.bool(), None if full is None else full.bool())
+
+
+def inject_rows(
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    shift: torch.Tensor,
+    token_scale: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Orthogonal Backfill's injection, in place: ``v[b, h, slots[b, h, j]] += shift[b, h] * token_scale[b, h, j]``
+    (fp32 sum, one rounding to ``v``'s dtype; negative slots are padding). Returns ``v`` (see
+    :func:`latent_relay.kernels.reference.inject_rows_ref`)."""
+    b, h, _, d = _check_layer(v, "values")
+    _check_index(slots, b, h, "slots")
+    k = slots.shape[-1]
+    if shift.shape != (b, h, d) or token_scale.shape != (b, h, k):
+        raise ValueError(f"shift {tuple(shift.shape)} and token_scale {tuple(token_scale.shape)} must be "
+                         f"{(b, h, d)} and {(b, h, k)}")  # fmt: skip
+    if not v.is_contiguous():
+        raise ValueError("inject_rows edits v in place and needs it contiguous")
+    if choose_backend(v, backend) == "triton":
+        from latent_relay.kernels.triton_backfill import inject_rows_triton
+
+        return inject_rows_triton(v, slots, shift, token_scale)
+    return reference.inject_rows_ref(v, slots, shift, token_scale)

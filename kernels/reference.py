@@ -111,3 +111,104 @@ def unpack_dequantize_ref(
     else:
         q = torch.stack([(packed >> (k * bits)) & top for k in range(per)], dim=2).view(rows, width * per)[:, :n]
     return q.float().mul_(scale.float()[:, None]).add_(zero.float()[:, None]).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The relay boundary's other tensor steps (Triton twins in kernels/triton_gather.py and kernels/triton_backfill.py):
+# the gather of surviving tokens and the matrix-shaped steps of Orthogonal Backfill (arXiv 2604.13349, METHODS.md
+# section 3). Shapes: one layer's keys or values ``[B, H, T, d]``; problem ``n = b * H + h``.
+
+
+def gather_tokens_ref(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[b, h, index[b, h, j]]`` for ``x`` ``[B, H, T, d]`` and ``index`` ``[B, H or 1, J]``: ``[B, H, J, d]``
+    (written into ``out``, contiguous, when given). A negative index is a padding slot: its row is zero.
+
+    One ``index_select`` of whole ``d``-rows on the flattened tensor (much faster on CPU than an elementwise
+    ``torch.gather`` with an index expanded along ``d``, and the same bits).
+    """
+    b, h, t, d = x.shape
+    j = index.shape[-1]
+    idx = index.expand(b, h, j)
+    pad = idx < 0
+    padded = bool(pad.any())
+    if padded:
+        idx = idx.clamp_min(0)
+        if t == 0:  # nothing to read: every slot is padding
+            return x.new_zeros(b, h, j, d) if out is None else out.zero_()
+    base = (torch.arange(b * h, device=x.device) * t).view(b, h, 1)
+    flat = (idx + base).reshape(-1)
+    rows = x.reshape(b * h * t, d)
+    if out is None:
+        result = rows.index_select(0, flat).view(b, h, j, d)
+    else:
+        torch.index_select(rows, 0, flat, out=out.view(b * h * j, d))
+        result = out
+    if padded:
+        result.masked_fill_(pad[..., None], 0)
+    return result
+
+
+def residual_mean_ref(
+    v: torch.Tensor, evict: torch.Tensor, w: torch.Tensor, qt: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OBF's residual of the evicted values against the kept span, and its weighted mean, per problem.
+
+    ``v`` ``[B, H, T, d]`` (any float dtype), ``evict`` bool ``[B, H, T]``, weights ``w`` ``[B, H, T]`` (``w_hat``;
+    only the evicted slots count), ``qt`` ``Q^T`` ``[B * H, k, d]`` with orthonormal rows (``None``: no projection).
+    With ``Y`` the evicted rows (zero elsewhere) and ``R = Y - (Y Q^T) Q``: returns ``r = w^T R`` ``[B * H, d]``,
+    ``||R||_F^2`` and ``||Y||_F^2`` ``[B * H]``, all float32.
+    """
+    b, h, t, d = v.shape
+    n = b * h
+    ym = (v.float() * evict[..., None]).reshape(n, t, d)
+    res = ym if qt is None else ym - (ym @ qt.float().mT) @ qt.float()
+    r = (w.reshape(n, 1, t).float() @ res)[:, 0]
+    return r, res.square().sum(dim=(1, 2)), ym.square().sum(dim=(1, 2))
+
+
+def backfill_shift_ref(
+    r: torch.Tensor,
+    c: torch.Tensor | None,
+    alpha: torch.Tensor,
+    applied: torch.Tensor,
+    full: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OBF's projection onto the principal residual directions, scaled: ``shift`` ``[N, d]``.
+
+    ``delta = (r C^T) C`` for ``r`` ``[N, d]`` and ``C`` ``[N, p, d]`` (``None``: every component, ``delta = r``);
+    ``delta = r`` where ``full`` (bool ``[N]``: at most ``p`` evicted rows, so ``C`` spans the whole residual);
+    ``shift = alpha * delta`` where ``applied`` (bool ``[N]``), zero elsewhere.
+    """
+    if c is None:
+        delta = r
+    else:
+        delta = torch.einsum("np,npd->nd", torch.einsum("nd,npd->np", r, c), c)
+        if full is not None:
+            delta = torch.where(full[:, None], r, delta)
+    return torch.where(applied[:, None], alpha[:, None] * delta, torch.zeros_like(delta))
+
+
+def inject_rows_ref(
+    v: torch.Tensor, slots: torch.Tensor, shift: torch.Tensor, token_scale: torch.Tensor
+) -> torch.Tensor:
+    """OBF's injection, in place: ``v[b, h, slots[b, h, j]] += shift[b, h] * token_scale[b, h, j]``.
+
+    ``v`` ``[B, H, T, d]`` (contiguous), ``slots`` ``[B, H or 1, k]`` (distinct per (item, head); negative:
+    padding, left alone), ``shift`` ``[B, H, d]`` and ``token_scale`` ``[B, H, k]`` float32. The sum is taken in
+    float32 and rounded once to ``v``'s dtype. Returns ``v``.
+    """
+    b, h, t, d = v.shape
+    k = slots.shape[-1]
+    idx = slots.expand(b, h, k)
+    real = idx >= 0
+    if not bool(real.any()):
+        return v
+    flat = (idx.clamp_min(0) + (torch.arange(b * h, device=v.device) * t).view(b, h, 1)).reshape(-1)
+    rows = v.reshape(b * h * t, d).index_select(0, flat).view(b, h, k, d)
+    add = shift[:, :, None, :] * token_scale[..., None]
+    new = (rows.float() + add).to(v.dtype).view(-1, d)
+    if not bool(real.all()):
+        keep = real.reshape(-1).nonzero().squeeze(1)
+        flat, new = flat[keep], new.index_select(0, keep)
+    v.view(b * h * t, d).index_copy_(0, flat, new)
+    return v
