@@ -1,8 +1,9 @@
 """Recipe strings and their parsed form.
 
 Grammar: ``step(+step)*`` with ``step = method[:option=value(,option=value)*]``, e.g. ``h:budget=32``,
-``l-obf:budget=32,rank=4``, ``h-obf:budget=32,rank=2+int8``, ``gen``. At most one eviction method, at most one
-quantization step, quantization last. Method names are the presets of :mod:`latent_relay.compression.presets`;
+``l-obf:budget=32,rank=4``, ``h-obf:budget=32,rank=2+int8``, ``gen``, ``h-obf:budget=32+int8+zstd``. At most one
+eviction method, then at most one quantization step, then at most one ``zstd`` step (the edge's packets carry a
+zstd payload), in that order. Method names are the presets of :mod:`latent_relay.compression.presets`;
 :func:`parse_recipe` turns a string into a :class:`Recipe` and raises :class:`RecipeError` with a one-line message
 naming the bad part; ``Recipe.canonical`` round-trips.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from latent_relay.compression.methods import Eviction, Method, Quantize, RecipeError, ScoredEviction
+from latent_relay.compression.methods import Eviction, Method, Quantize, RecipeError, ScoredEviction, Zstd
 from latent_relay.compression.presets import REGISTRY, available_methods
 
 
 class Recipe(BaseModel):
-    """A parsed recipe: at most one eviction step, then at most one quantization step."""
+    """A parsed recipe: at most one eviction step, then at most one quantization step, then at most one ``zstd``
+    step (how the edge's packets are encoded)."""
 
     model_config = ConfigDict(frozen=True)
     steps: tuple[Method, ...]
@@ -37,10 +39,17 @@ class Recipe(BaseModel):
         return next((s for s in self.steps if isinstance(s, Quantize)), None)
 
     @property
+    def zstd_level(self) -> int | None:
+        """The zstd level of the edge's packets (:func:`latent_relay.relay.wire.encode`), ``None`` for a raw payload."""
+        step = next((s for s in self.steps if isinstance(s, Zstd)), None)
+        return step.level if step is not None else None
+
+    @property
     def takes_allocator(self) -> bool:
         """Whether the packed memory is built by an eviction step, which can build it inside the packet that will
-        carry it (a tensor allocator); a recipe that quantizes last makes new tensors, which the packet copies."""
-        return self.eviction is not None and self.quantization is None
+        carry it (a tensor allocator); a recipe that quantizes last makes new tensors, which the packet copies, and
+        a zstd packet holds the compressed payload, not the memory."""
+        return self.eviction is not None and self.quantization is None and self.zstd_level is None
 
     @property
     def needs_output_proj(self) -> bool:
@@ -101,7 +110,9 @@ def parse_recipe(recipe: str | Recipe) -> Recipe:
         step = _parse_step(text.strip(), recipe)
         if any(s.name == step.name for s in steps):
             raise RecipeError(f"duplicated step {step.name!r} in recipe {recipe!r}")
-        if any(s.kind == "quant" for s in steps):
+        if any(s.kind == "wire" for s in steps):
+            raise RecipeError(f"step {step.name!r} after {steps[-1].name!r} in recipe {recipe!r}: zstd comes last")
+        if step.kind != "wire" and any(s.kind == "quant" for s in steps):
             raise RecipeError(f"step {step.name!r} after quantization in recipe {recipe!r}: quantization comes last")
         if step.kind == "evict" and any(s.kind == "evict" for s in steps):
             first = next(s.name for s in steps if s.kind == "evict")

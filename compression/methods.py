@@ -5,7 +5,9 @@ instead of near-copies; the recipe names in :mod:`latent_relay.compression.prese
   :data:`latent_relay.compression.selectors.SELECTORS`, optionally fold what was evicted back in with Orthogonal
   Backfill (:class:`Backfill`).
 - :class:`GenerationOnly`: drop the current agent's whole prompt region.
-- :class:`Quantize`: KIVI-style packing to ``bits`` bits, always a recipe's last step.
+- :class:`Quantize`: KIVI-style packing to ``bits`` bits, after any eviction.
+- :class:`Zstd`: the edge's packets carry a zstd payload at ``level``; it leaves the memory as it is and is always a
+  recipe's last step (the wire encoding of what the steps before it made).
 
 Every step works on a whole (padded) batch; an eviction step returns an :class:`Evicted` that gives the metrics of
 the batch or of one of its items.
@@ -55,10 +57,10 @@ class RecipeError(ValueError):
 
 
 class Method(BaseModel):
-    """One step of a recipe; ``kind`` says whether it evicts tokens or quantizes."""
+    """One step of a recipe; ``kind`` says whether it evicts tokens, quantizes or sets the edge's wire encoding."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: ClassVar[Literal["evict", "quant"]] = "evict"
+    kind: ClassVar[Literal["evict", "quant", "wire"]] = "evict"
 
     def options(self) -> dict[str, Any]:
         """The step's parameters as flat recipe options (``budget``, ``rank``, ...)."""
@@ -248,12 +250,23 @@ class GenerationOnly(Eviction):
 
 class Quantize(Method):
     """KIVI-style asymmetric quantization, keys per channel, values per token (arXiv 2402.02750), ``bits`` 8 or 4
-    (two codes per byte), applied last; the quantization baseline of arXiv 2604.13349, here with real packing.
+    (two codes per byte), the last step that changes the memory; the quantization baseline of arXiv 2604.13349,
+    here with real packing.
 
     It takes no tensor allocator: the packed codes are new tensors, so a packet that carries them copies them."""
 
-    kind: ClassVar[Literal["evict", "quant"]] = "quant"
+    kind: ClassVar[Literal["evict", "quant", "wire"]] = "quant"
     bits: Literal[8, 4] = 8
 
     def quantize(self, memory: KVState) -> tuple[QuantizedMemory, Metrics]:
         return quantize_memory(memory, self.bits), {"bits": self.bits}
+
+
+class Zstd(Method):
+    """The edge's packets carry their payload as one zstd frame at ``level`` (flags bit 0 of the wire format,
+    :func:`latent_relay.relay.wire.encode`): the memory is not changed, the sender's encoding is, and relay bytes
+    count the compressed packet. A packet whose payload zstd does not shrink stays raw. Always a recipe's last
+    step; the receiver needs no option (the packet's flag says it)."""
+
+    kind: ClassVar[Literal["evict", "quant", "wire"]] = "wire"
+    level: int = Field(1, ge=1, le=19, description="zstd compression level, 1 (fastest) to 19")

@@ -4,7 +4,8 @@ composes presses instead of multiplying classes): ``h``, ``l``, ``h-obf`` and ``
 or 4 (L-OBF) (arXiv 2604.13349); ``asl`` and ``asl-obf`` the same with the adaptive-selection-layer selector
 (ASL, arXiv 2601.07667: threshold ``tau``, SnapKV pooling kernel 7 by default as in the paper; OBF rank 2, as
 H-OBF, since the layers up to the selection layer select per head); ``gen`` is generation-only eviction; ``int8``
-and ``int4`` one :class:`~latent_relay.compression.methods.Quantize` (KIVI, arXiv 2402.02750).
+and ``int4`` one :class:`~latent_relay.compression.methods.Quantize` (KIVI, arXiv 2402.02750); ``zstd`` (option
+``level``, 1 by default) the edge's wire encoding, :class:`~latent_relay.compression.methods.Zstd`.
 
 A preset fixes every parameter of its method except the recipe options it lists; a step's name is the preset
 whose fixed parameters it has, so a step built by hand prints the same canonical form as a parsed one.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from latent_relay.compression.methods import Backfill, GenerationOnly, Method, Quantize, ScoredEviction
+from latent_relay.compression.methods import Backfill, GenerationOnly, Method, Quantize, ScoredEviction, Zstd
 
 
 @dataclass(frozen=True)
@@ -122,5 +123,6 @@ for _preset in (
     Preset("gen", GenerationOnly),
     Preset("int8", Quantize, {"bits": 8}),
     Preset("int4", Quantize, {"bits": 4}),
+    Preset("zstd", Zstd, options=("level",)),
 ):
     register_preset(_preset)

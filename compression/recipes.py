@@ -3,7 +3,9 @@
 A recipe (``h:budget=32``, ``l-obf:budget=32,rank=4``, ``h-obf:budget=32,rank=2+int8``, ``gen``; grammar in
 :mod:`latent_relay.compression.grammar`) is at most one eviction step (:mod:`latent_relay.compression.methods`:
 scored eviction with a selector and optional Orthogonal Backfill, arXiv 2604.13349, or generation-only), then at
-most one quantization step (KIVI, arXiv 2402.02750). The names are presets (:mod:`latent_relay.compression.presets`).
+most one quantization step (KIVI, arXiv 2402.02750), then at most one ``zstd`` step, which leaves the memory as it
+is and makes the sender encode the edge's packets with a zstd payload (``Recipe.zstd_level``). The names are
+presets (:mod:`latent_relay.compression.presets`).
 
 :func:`compress` applies a recipe to a memory; :func:`compress_batch` to a padded batch, scoring, selecting and
 backfilling once for the whole batch and returning one packed memory per item. Importing this module makes

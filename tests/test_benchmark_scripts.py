@@ -62,3 +62,39 @@ def test_gpu_smoke_quick_runs_every_mode_at_fixed_token_counts():
     assert rows["text"][4] == "32" and rows["latent"][4] == "8"  # output tokens: 4 agents x 8, the judger's 8
     assert all(float(rows[mode][6]) < 1 for mode in recipes)  # relay bytes / full latent
     assert all(rows[mode][-1].endswith("%") for mode in recipes)  # compression overhead's share
+
+
+def test_zstd_relay_quick_runs_every_recipe_and_level():
+    """The zstd benchmark's smoke test on smollm2-135m: a raw, zstd-1 and zstd-3 row per default recipe and one
+    verdict line each."""
+    args = ["latent_relay.benchmarks.zstd_relay", "--quick", "--threads", "1"]
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in ("hop ms 1G", "hop ms 100G", "zstd-1", "zstd-3", "verdict"):
+        assert text in done.stdout
+    verdicts = done.stdout.split("verdict")[1].splitlines()[1:-1]  # one line per recipe, then the time
+    recipes = ["latent (full)", "h-obf:budget=32", "int8", "l-obf:budget=32+int8", "l-obf:budget=32+int4"]
+    assert [line.split(": ")[0] for line in verdicts] == recipes
+
+
+def test_kernels_gpu_quick_prints_every_kernel_and_hop_per_shape():
+    """The GPU kernel benchmark's CPU smoke run (tiny shapes, torch paths): per shape a header, one row per kernel,
+    each matching its twin, and a hop row per recipe and kernel path; without a GPU, the full run is a one-line
+    error."""
+    args = ["latent_relay.benchmarks.kernels_gpu", "--quick"]
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("== ")] == ["== qwen3-4b", "== qwen3-32b"]
+    assert all("copy" in line and "torch" in line and "triton" in line for line in lines if line.startswith("== "))
+    kernels = ["gather", "residual mean", "backfill shift", "injection"]
+    kernels += [f"{step} int{bits}" for bits in (8, 4) for step in ("quantize-pack", "unpack-dequantize")]
+    for kernel in kernels:
+        rows = [line for line in lines if line.startswith(kernel + "  ")]
+        assert len(rows) == 2 and all(" exact" in row or " ok (" in row for row in rows), (kernel, rows)
+    hops = [line.split()[:2] for line in lines if line.startswith(("h-obf:budget=8+int8 ", "l-obf:budget=8+int4 "))]
+    assert sorted(path for _, path in hops) == ["auto"] * 4 + ["torch"] * 4
+    assert "<=50 ms" in done.stdout and "checks: every kernel matches its torch twin" in done.stdout
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, "-m", args[0]], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "torch sees no CUDA device" in done.stderr

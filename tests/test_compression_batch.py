@@ -22,7 +22,7 @@ LAYOUTS = [
 def _recipes() -> list[str]:
     out = []
     for name, preset in REGISTRY.items():
-        if preset.kind == "quant":
+        if preset.kind in ("quant", "wire"):  # int8, int4 and zstd alone (zstd leaves the memory as it is)
             out.append(name)
             continue
         step = f"{name}:budget=4,pool=3" if "budget" in preset.options else name

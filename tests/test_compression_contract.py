@@ -32,6 +32,7 @@ def _method_recipes() -> list[str]:
         "gen": ["gen"],
         "int8": ["h-obf:budget=4,rank=2+int8", "asl:budget=4+int8", "int8"],
         "int4": ["l-obf:budget=4+int4", "gen+int4"],
+        "zstd": ["zstd", "h-obf:budget=4,rank=2+int8+zstd", "gen+zstd:level=3"],
     }
     assert sorted(per_method) == available_methods(), "a registered method has no contract recipe"
     return [r for name in available_methods() for r in per_method[name]]
@@ -150,17 +151,21 @@ def _tensors(memory) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", _method_recipes())
 def test_recipe_built_inside_its_packet(tiny, recipe):
-    """With a PacketArena's allocator the packed memory is bit-identical, its packet decodes to it, and where the
-    recipe ends by evicting, the memory was built inside the packet (no copy on encode)."""
+    """With a PacketArena's allocator the packed memory is bit-identical, its packet (zstd where the recipe says so)
+    decodes to it and has the size relay bytes count, and where the recipe ends by evicting, the memory was built
+    inside the packet (no copy on encode)."""
     _, memory, obs, w_o = tiny
     plain, _ = compress(memory, obs, recipe, output_proj=w_o)
     arena = wire.PacketArena(min_bytes=0)
     packed, metrics = compress(memory, obs, recipe, output_proj=w_o, allocate=arena.allocate)
     for a, b in zip(_tensors(plain), _tensors(packed), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    packet = wire.encode(LatentMessage("planner", packed, recipe, metrics), into=arena)
+    message = LatentMessage("planner", packed, recipe, metrics)
+    level = parse_recipe(recipe).zstd_level
+    packet = wire.encode(message, into=arena, zstd_level=level)
     in_place = parse_recipe(recipe).steps[-1].kind == "evict"
     assert (packet is arena.buffer) == in_place == arena.finished
+    assert wire.packet_size(packet) == wire.encoded_size(message, zstd_level=level)
     decoded = wire.decode(packet).memory
     for a, b in zip(_tensors(plain), _tensors(decoded), strict=True):
         assert torch.equal(a, b)

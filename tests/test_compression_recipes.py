@@ -58,7 +58,7 @@ def test_canonical_round_trips(text):
 
 
 def test_documented_recipes_parse_to_their_configs():
-    assert available_methods() == ["asl", "asl-obf", "gen", "h", "h-obf", "int4", "int8", "l", "l-obf"]
+    assert available_methods() == ["asl", "asl-obf", "gen", "h", "h-obf", "int4", "int8", "l", "l-obf", "zstd"]
     r = parse_recipe("h-obf:budget=32,rank=2+int8")
     assert r.canonical == "h-obf:budget=32,rank=2+int8" and r.bits == 8
     step = r.steps[0]

@@ -74,7 +74,7 @@ class NodeExecutor:
         start = time.perf_counter()
         thoughts = graph.thinks(name)
         edges = graph.outgoing(name)
-        observe = thoughts > 0 and any(e.recipe is not None for e in edges)
+        observe = thoughts > 0 and any(e.recipe is not None and e.recipe.eviction is not None for e in edges)
         decode = (graph.node(name).decoding or self.default_decode) if graph.decodes(name) else None
         signature, shared = None, None
         if memo is not None:
@@ -158,9 +158,10 @@ class NodeExecutor:
             recipe = e.recipe.canonical
             messages = [LatentMessage(name, p, recipe=recipe, metrics=m) for p, m in zip(packed, metrics, strict=True)]
         result.outgoing[e], result.edge_metrics[e] = messages, list(metrics)
+        level = e.recipe.zstd_level if e.recipe is not None else None  # a recipe's zstd step: compressed packets
         if export:
-            packets = [wire.encode(msg, into=arena) for msg, arena in zip(messages, arenas)]
+            packets = [wire.encode(msg, into=arena, zstd_level=level) for msg, arena in zip(messages, arenas)]
             # a packet built in place also carries header padding: relay bytes count without it, whatever the placement
             result.packets[e], result.edge_bytes[e] = packets, [wire.packet_size(p) for p in packets]
         else:
-            result.edge_bytes[e] = [wire.encoded_size(msg) for msg in messages]
+            result.edge_bytes[e] = [wire.encoded_size(msg, zstd_level=level) for msg in messages]

@@ -164,6 +164,8 @@ def message_header(
     message: TextMessage | LatentMessage, zstd_level: int | None = None
 ) -> tuple[dict[str, Any], list[torch.Tensor], Placement]:
     """A message's header (frame table included), its frame tensors in wire order and their placement."""
+    if zstd_level is not None and not (-100 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
+        raise ValueError(f"zstd level must be in [-100, {zstandard.MAX_COMPRESSION_LEVEL}], got {zstd_level}")
     if isinstance(message, TextMessage):
         header = {"kind": "text", "sender": message.sender, "texts": list(message.texts)}
         tensors, placed = [], _NO_FRAMES
@@ -198,6 +200,22 @@ def build_head(
     return head + bytes(used + pad - len(head))
 
 
+def _zstd_payload(tensors: list[torch.Tensor], placed: Placement, zstd_level: int | None) -> bytes | None:
+    """The payload of CPU-contiguous frame ``tensors`` at their ``placed`` offsets as one zstd frame at
+    ``zstd_level``, or ``None`` (no level, an empty payload, or one that zstd does not shrink: it stays raw)."""
+    raw_len = placed.end
+    if zstd_level is None or not raw_len:
+        return None
+    pieces: list[memoryview] = []
+    end = 0
+    for tensor, (_, _, _, start, size) in zip(tensors, placed.entries):
+        pieces += [_ZEROS[: start - end], _bytes_view(tensor)]
+        end = start + size
+    cobj = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compressobj(size=raw_len)
+    packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
+    return packed if len(packed) < raw_len else None
+
+
 def encode(
     message: TextMessage | LatentMessage,
     *,
@@ -213,8 +231,6 @@ def encode(
     the packet is the arena's ``bytearray``, finished around the frames instead of copied (and the message's
     tensors see its bytes from then on); otherwise (another memory, a quantized one, zstd, an arena already
     used) the packet is built as without it."""
-    if zstd_level is not None and not (-100 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL):
-        raise ValueError(f"zstd level must be in [-100, {zstandard.MAX_COMPRESSION_LEVEL}], got {zstd_level}")
     header, tensors, placed = message_header(message, zstd_level)
     raw_len = placed.end
     if into is not None and zstd_level is None:
@@ -222,27 +238,29 @@ def encode(
         if packet is not None:
             return packet
     tensors = [_cpu_contiguous(tensor) for tensor in tensors]  # alive until the packet is built
-    if zstd_level is not None and raw_len:
-        pieces: list[memoryview] = []
-        end = 0
-        for tensor, (_, _, _, start, size) in zip(tensors, placed.entries):
-            pieces += [_ZEROS[: start - end], _bytes_view(tensor)]
-            end = start + size
-        cobj = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compressobj(size=raw_len)
-        packed = b"".join([*(cobj.compress(p) for p in pieces), cobj.flush()])
-        if len(packed) < raw_len:
-            head = build_head(header, FLAG_ZSTD, len(packed), raw_len, limits)
-            return _build(head, [_bytes_address(packed)], ((0, len(packed)),), len(packed))
+    packed = _zstd_payload(tensors, placed, zstd_level)
+    if packed is not None:
+        head = build_head(header, FLAG_ZSTD, len(packed), raw_len, limits)
+        return _build(head, [_bytes_address(packed)], ((0, len(packed)),), len(packed))
     head = build_head(header, 0, raw_len, raw_len, limits)
     extents = tuple((start, size) for _, _, _, start, size in placed.entries)
     return _build(head, [t.data_ptr() for t in tensors], extents, raw_len)
 
 
-def encoded_size(message: TextMessage | LatentMessage, *, limits: WireLimits = DEFAULT_LIMITS) -> int:
-    """``packet_size(encode(message))`` (raw payload) without building the packet: no copy, no checksum, and no
-    transfer of device tensors, for messages that are measured but never sent (a same-host hand-off)."""
-    header, _, placed = message_header(message)
-    return len(build_head(header, 0, placed.end, placed.end, limits)) + placed.end + DIGEST_SIZE
+def encoded_size(
+    message: TextMessage | LatentMessage, *, zstd_level: int | None = None, limits: WireLimits = DEFAULT_LIMITS
+) -> int:
+    """``packet_size(encode(message, zstd_level=zstd_level))`` without building the packet, for messages that are
+    measured but never sent (a same-host hand-off). With a raw payload: no copy, no checksum and no transfer of
+    device tensors. With ``zstd_level`` the payload is compressed (that is the only way to know its size), but
+    not checksummed or framed."""
+    header, tensors, placed = message_header(message, zstd_level)
+    raw_len = placed.end
+    if zstd_level is not None:
+        packed = _zstd_payload([_cpu_contiguous(t) for t in tensors], placed, zstd_level)
+        if packed is not None:
+            return len(build_head(header, FLAG_ZSTD, len(packed), raw_len, limits)) + len(packed) + DIGEST_SIZE
+    return len(build_head(header, 0, raw_len, raw_len, limits)) + raw_len + DIGEST_SIZE
 
 
 def packet_size(packet: bytes | bytearray | memoryview) -> int:
