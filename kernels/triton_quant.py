@@ -65,7 +65,8 @@ def _quantize_pack_kernel(
     mx = tl.where(empty, 0.0, mx)
     zero = _fp16_down(mn)
     zf = zero.to(tl.float32)
-    scale = _fp16_up(tl.maximum((mx - zf) / QMAX, 0.0))
+    # div_rn: correctly rounded division, as torch's (a plain fp32 `/` compiles to an approximate division on GPUs)
+    scale = _fp16_up(tl.maximum(tl.div_rn(mx - zf, tl.full(mx.shape, QMAX, tl.float32)), 0.0))
     sf = scale.to(tl.float32)
     tl.store(scale_ptr + rows, scale, mask=rmask)
     tl.store(zero_ptr + rows, zero, mask=rmask)
@@ -79,7 +80,7 @@ def _quantize_pack_kernel(
             cols = bcols * PER + k
             m = bm & (cols[None, :] < N)
             x = tl.load(x_ptr + rbase[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            q = tl.floor((x - zf[:, None]) / sdiv[:, None] + 0.5)
+            q = tl.floor(tl.div_rn(x - zf[:, None], tl.broadcast_to(sdiv[:, None], x.shape)) + 0.5)
             q = tl.where(sf[:, None] > 0, q, 0.0)
             q = tl.minimum(tl.maximum(q, 0.0), QMAX)
             q = tl.where(m, q, 0.0)
