@@ -176,26 +176,25 @@ def _slug(text: str) -> str:
 
 
 def _accuracy_plot(plt, g: Group, methods: dict[str, list[ItemResult]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5 + 0.25 * len(methods)))
+    markers = "osD^v<>pPX*h"
     for i, (method, rs) in enumerate(methods.items()):
         ok = sum(r.correct for r in rs)
         p, (low, high) = ok / len(rs), wilson_interval(ok, len(rs))
         size = statistics.fmean(r.relay_bytes for r in rs) / 1e6
+        label = f"{method}: {ok}/{len(rs)}"
         if size <= 0:  # the single agent relays nothing: its accuracy as a band
-            ax.axhspan(100 * low, 100 * high, color="0.85", zorder=0, label=f"{method} (no relay), 95% CI")
+            ax.axhspan(100 * low, 100 * high, color="0.88", zorder=0, label=f"{label} (no relay; band: 95% CI)")
             ax.axhline(100 * p, color="0.5", lw=1, zorder=1)
             continue
-        ax.errorbar(size, 100 * p, yerr=[[100 * (p - low)], [100 * (high - p)]], fmt="o", capsize=4, color=f"C{i % 10}")
-        ax.annotate(
-            f"{method} ({ok}/{len(rs)})", (size, 100 * p), textcoords="offset points", xytext=(6, 4), fontsize=8
-        )
+        yerr = [[100 * (p - low)], [100 * (high - p)]]
+        ax.errorbar(size, 100 * p, yerr=yerr, fmt=markers[i % len(markers)], capsize=4, color=f"C{i % 10}", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("relay per problem (MB, log scale)")
     ax.set_ylabel("accuracy (%), 95% Wilson interval")
     ax.set_title(f"{g.task}, {g.graph}: accuracy against relay bytes\n{settings_label(g.settings)}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--markdown", action="store_true", help="markdown tables, one per task, graph and settings (as relay bench)"
     )
+    report.add_argument("--plots", metavar="DIR", default=None, help="also write relay bench's PNG plots into DIR")
     inspect = sub.add_parser("inspect", help="print a wire packet's header in human terms")
     inspect.add_argument("file")
     sub.add_parser("models", help="list the bundled offline models and the cache folder")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args.file)
         if args.command == "report":
-            return _report(args.files, args.markdown)
+            return _report(args.files, args.markdown, args.plots)
         if args.command == "bench":
             from latent_relay.relay.cli_bench import bench
 
@@ -197,8 +198,8 @@ def _inspect(path: str) -> int:
     return 0
 
 
-def _report(files: list[str], markdown: bool = False) -> int:
-    from latent_relay.relay.bench_report import markdown_report
+def _report(files: list[str], markdown: bool = False, plots: str | None = None) -> int:
+    from latent_relay.relay.bench_report import markdown_report, write_plots
     from latent_relay.relay.cli_report import report
     from latent_relay.relay.results import read_results
 
@@ -206,6 +207,12 @@ def _report(files: list[str], markdown: bool = False) -> int:
     if not results:
         raise UsageError("no records in " + ", ".join(files))
     print(markdown_report(results) if markdown else report(results))
+    if plots:
+        try:
+            written = write_plots(results, plots)
+        except ImportError as err:
+            raise UsageError(str(err)) from None
+        print("\nplots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 
 

@@ -445,3 +445,23 @@ def test_bench_interrupted_writes_the_report_of_what_it_has(cli, capsys, monkeyp
     assert code == 130 and "interrupted" in err
     assert len(out.read_text().splitlines()) == 2
     assert "| latent | " in (tmp_path / "bench-report" / "report.md").read_text() and "2 items" in stdout
+
+
+def test_report_writes_markdown_tables_and_plots(cli, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    from latent_relay.relay.results import ItemResult
+
+    records = [
+        ItemResult(item_id=str(i), task="gsm8k", graph=g, relay=m, model="m", correct=i % 2 == 0, relay_bytes=b)
+        for i in range(4)
+        for g, m, b in (("single", "single", 0), ("sequential", "text", 900), ("sequential", "latent", 9_000_000))
+    ]
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    code, stdout, err = _main(cli, capsys, "report", "--markdown", "--plots", str(tmp_path / "plots"), str(out))
+    assert code == 0, err
+    assert "| latent | 2/4 (50%) [15-85] | +0/-0 of 4, p=1 |" in stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "01-gsm8k-sequential-accuracy-vs-bytes.png",
+        "01-gsm8k-sequential-seconds.png",
+    ]
