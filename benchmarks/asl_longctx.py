@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -150,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.tasks:
         for length in args.lengths:  # a task per length: its items cycle through the depths
             task = TASKS[name](lengths=[length], tokenizer=loaded.tokenizer)
-            for item in task.load(args.items):
+            for number, item in enumerate(task.load(args.items), 1):
                 run_item(loaded, task, item, args, record)
+                done = f"{name} at {length} tokens: item {number}/{args.items} done"
+                print(f"{done} ({time.perf_counter() - started:.0f}s so far)", file=sys.stderr, flush=True)
     print("\n".join(report(record, args, num_layers)))
     print(f"({time.perf_counter() - started:.0f}s)")
 
