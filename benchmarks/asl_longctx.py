@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--pool", type=int, default=7)
     parser.add_argument("--tau", type=float, default=TAU)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer budget (a boxed UUID takes ~35 tokens)")
     parser.add_argument("--verbose", action="store_true", help="print every answer")
     parser.add_argument("--quick", action="store_true", help="smollm2-135m, 192-token items, 2 per task")
     args = parser.parse_args(argv)
