@@ -63,17 +63,23 @@ def test_a_setting_given_twice_is_refused():
         parse_settings(["seed=1", "seed=2"])
 
 
-def test_cells_run_single_once_per_setting_and_validate_recipes():
+def test_cells_run_single_once_per_decoding_and_validate_recipes():
     grid, _ = parse_settings(["latent_steps=2,3"])
     cells = grid_cells(FakeTask(), ["sequential", "hierarchical"], ["single", "latent"], grid)
     assert [(c.method, c.graph.name, c.setting.latent_steps) for c in cells] == [
-        ("single", "single", 2),
+        ("single", "single", 2),  # latent settings mean nothing to one agent: it runs once
         ("latent", "sequential", 2),
         ("latent", "hierarchical", 2),
-        ("single", "single", 3),
         ("latent", "sequential", 3),
         ("latent", "hierarchical", 3),
     ]
+    seeds, _ = parse_settings(["decoding=sample", "seed=1,2"])
+    assert [c.method for c in grid_cells(FakeTask(), ["sequential"], ["single", "latent"], seeds)] == [
+        "single",
+        "latent",
+        "single",
+        "latent",
+    ]  # a decoding setting does change what the single agent answers
     with pytest.raises(ValueError, match="recipe"):
         grid_cells(FakeTask(), ["sequential"], ["latent+nonsense:budget=2"], grid)
 
