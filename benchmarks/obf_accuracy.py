@@ -48,6 +48,15 @@ def critic_memories(model: str, items: int, thoughts: int, data_dir: str | None)
     return loaded.name, list(zip(critic.memories, critic.observations, strict=True))
 
 
+def memories_header(name: str, cases, thoughts: int) -> str:
+    """``name: L layers x H KV heads x d=D, dtype; N GSM8K items, planner -> critic, T thoughts each``."""
+    mem0 = cases[0][0]
+    return (
+        f"{name}: {mem0.num_layers} layers x {mem0.num_kv_heads} KV heads x d={mem0.head_dim}, {mem0.dtype}; "
+        f"{len(cases)} GSM8K items, planner -> critic, {thoughts} thoughts each"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -61,10 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     name, cases = critic_memories(args.model, args.items, args.thoughts, args.data_dir)
-    mem0 = cases[0][0]
     print(
-        f"{name}: {mem0.num_layers} layers x {mem0.num_kv_heads} KV heads x d={mem0.head_dim}, {mem0.dtype}; "
-        f"{len(cases)} GSM8K items, planner -> critic, {args.thoughts} thoughts each, budget {args.budget}; "
+        f"{memories_header(name, cases, args.thoughts)}, budget {args.budget}; "
         f"memories built in {time.perf_counter() - start:.0f} s"
     )
     print(

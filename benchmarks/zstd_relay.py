@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latent_relay.benchmarks.obf_accuracy import critic_memories
+from latent_relay.benchmarks.obf_accuracy import critic_memories, memories_header
 from latent_relay.compression.recipes import RecipeError, compress, parse_recipe
 from latent_relay.relay import wire
 from latent_relay.relay.messages import LatentMessage
@@ -189,10 +189,8 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     name, cases = critic_memories(args.model, args.items, args.thoughts, args.data_dir)
-    mem0 = cases[0][0]
     print(
-        f"{name}: {mem0.num_layers} layers x {mem0.num_kv_heads} KV heads x d={mem0.head_dim}, {mem0.dtype}; "
-        f"{len(cases)} GSM8K items, planner -> critic, {args.thoughts} thoughts each, critic memories of "
+        f"{memories_header(name, cases, args.thoughts)}, critic memories of "
         f"{statistics.fmean(m.num_tokens for m, _ in cases):.0f} tokens on average; built in "
         f"{time.perf_counter() - start:.0f} s; {torch.get_num_threads()} torch threads"
     )
