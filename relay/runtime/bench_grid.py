@@ -187,7 +187,9 @@ def run_grid(
     for cell in cells:
         _use(executor, cell.setting, latents, base_latent)
         cell.records = runtime.record_builder(cell.graph, cell.task, cell.method)
-        done = writer.done(run_key(cell.records.template()), retry_errors=retry_errors) if resume else set()
+        done = set()
+        if resume and writer is not None:
+            done = writer.done(run_key(cell.records.template()), retry_errors=retry_errors)
         cell.todo = {i for i in ids if i not in done}
     total = StepMemo()
     results: list[ItemResult] = []
