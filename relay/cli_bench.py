@@ -21,14 +21,12 @@ def _minutes(seconds: float) -> str:
 
 
 def bench(args) -> int:
-    from latent_relay.relay.bench_report import markdown_report, write_plots
     from latent_relay.relay.results import ResultWriter, read_results, run_key
     from latent_relay.relay.runtime.bench_grid import (
         GridError,
         Setting,
         grid_cells,
         parse_settings,
-        run_grid,
     )
     from latent_relay.tasks.registry import get_task
 
@@ -77,7 +75,7 @@ def bench(args) -> int:
                         todo = [it for it in items if str(it.id) not in done]
                         run_mode(runtime, cell.graph, task, todo, cell.method, args, writer)
                 else:
-                    _run_task(runtime, task, cells[task.name], items, writer, varied, args, run_grid)
+                    _run_task(runtime, task, cells[task.name], items, writer, varied, args)
                     keys |= {run_key(c.records.template()) for c in cells[task.name]}
         except KeyboardInterrupt:
             interrupted = True
@@ -88,12 +86,14 @@ def bench(args) -> int:
             if close is not None:
                 close()
     records = [r for r in read_results(args.out) if run_key(r) in keys and r.item_id in ids.get(r.task, ())]
-    status = _write_report(records, args, markdown_report, write_plots) if records else 0
+    status = _write_report(records, args) if records else 0
     return 130 if interrupted else status
 
 
-def _run_task(runtime, task, cells, items, writer, varied, args, run_grid) -> None:
+def _run_task(runtime, task, cells, items, writer, varied, args) -> None:
     """One task's cells through the local grid, with a progress line per batch."""
+    from latent_relay.relay.runtime import bench_grid
+
     started = time.perf_counter()
 
     def progress(p) -> None:
@@ -109,7 +109,7 @@ def _run_task(runtime, task, cells, items, writer, varied, args, run_grid) -> No
             file=sys.stderr,
         )
 
-    _, memo = run_grid(
+    _, memo = bench_grid.run_grid(
         runtime,
         cells,
         items,
@@ -126,8 +126,8 @@ def _run_task(runtime, task, cells, items, writer, varied, args, run_grid) -> No
     )
 
 
-def _write_report(records, args, markdown_report, write_plots) -> int:
-    from latent_relay.relay.bench_report import groups
+def _write_report(records, args) -> int:
+    from latent_relay.relay.bench_report import groups, markdown_report, write_plots
     from latent_relay.relay.results import summarize
 
     folder = Path(args.report or str(Path(args.out).with_suffix("")) + "-report")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from latent_relay.kernels import dispatch, reference
+from tests.triton_subprocess import ROOT, run_interpreted
 
 
 def test_fp16_directed_rounding_brackets_the_input():
@@ -63,16 +59,4 @@ def test_dispatch_validates_shapes():
 
 @pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
 def test_triton_kernels_match_torch_twins_under_the_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    env.pop(dispatch.ENV_VAR, None)
-    proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "triton_interp_check.py")],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("OK ")
+    run_interpreted(ROOT / "tests" / "triton_interp_check.py")

@@ -10,7 +10,6 @@ tests/triton_interp_check.py); it prints ``OK <cases>`` last when every case mat
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from latent_relay.kernels import dispatch, reference
+from tests.triton_subprocess import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -180,18 +180,7 @@ GROUPS = ("gather", "residual", "shift", "inject", "compression")
 @pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("group", GROUPS)
 def test_triton_kernels_match_their_twins_under_the_interpreter(group):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    env.pop(dispatch.ENV_VAR, None)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), group],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("OK ")
+    run_interpreted(Path(__file__).resolve(), group)
 
 
 #: (B, H, T, d, budget, index shared by the heads): odd token counts, budgets above the tokens (padded with -1), no
